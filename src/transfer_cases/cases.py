@@ -1,0 +1,76 @@
+"""The transfer-learning cases as data: where to cut the body, what to freeze, how to initialise.
+
+A case is four numbers-or-words, so a fifth case is a few lines of YAML in `configs/case/`.
+Applying a case is plain PyTorch on a `StagedBody`; nothing here knows any architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from transfer_cases.backbones.staged import StagedBody
+from transfer_cases.errors import ConfigError
+
+CASE_FIELDS = ("name", "init", "keep", "freeze", "body_lr_scale")
+
+
+@dataclass(frozen=True)
+class Case:
+    """
+    Args:
+        name: label used in logs and reports.
+        init: `pretrained` (load the backbone's weights) or `scratch` (random initialisation).
+        keep: stages of the body to keep: None for all, k > 0 for the first k, -k to drop the last k.
+        freeze: kept stages to freeze: `all`, `none`, or n for the first n.
+        body_lr_scale: learning rate of trainable body stages relative to the head's.
+    """
+
+    name: str
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    keep: int | None = None
+    freeze: int | Literal["all", "none"] = "none"
+    body_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.init not in ("pretrained", "scratch"):
+            raise ConfigError(f"case.init must be 'pretrained' or 'scratch', got {self.init!r}")
+        if not (self.freeze in ("all", "none") or (isinstance(self.freeze, int) and self.freeze >= 0)):
+            raise ConfigError(f"case.freeze must be 'all', 'none' or a number of stages, got {self.freeze!r}")
+        if self.init == "scratch" and self.freeze != "none":
+            raise ConfigError(
+                f"case '{self.name}' freezes randomly initialised stages (init=scratch, freeze={self.freeze}): "
+                "frozen random features are useless; set case.freeze=none or case.init=pretrained"
+            )
+        if self.body_lr_scale < 0:
+            raise ConfigError(f"case.body_lr_scale must be >= 0, got {self.body_lr_scale}")
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Case:
+        unknown = set(cfg) - set(CASE_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown case field(s) {sorted(unknown)}; a case has {list(CASE_FIELDS)}")
+        return cls(**cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.init == "pretrained"
+
+    def frozen_stages(self, depth: int) -> int:
+        """How many of `depth` kept stages this case freezes."""
+        if self.freeze == "all":
+            return depth
+        if self.freeze == "none":
+            return 0
+        if self.freeze > depth:
+            raise ConfigError(f"case.freeze={self.freeze} but only {depth} stages are kept (case.keep={self.keep})")
+        return self.freeze
+
+    def apply(self, body: StagedBody) -> StagedBody:
+        """Cut `body` to the kept stages and freeze the case's prefix; returns the body to use."""
+        body = body.cut(self.keep)
+        body.freeze(self.frozen_stages(body.depth))
+        return body

@@ -1,0 +1,70 @@
+"""Shared pieces of the command-line entry points: config tree, metric table, clean errors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+from transfer_cases.config import instantiate_clean
+from transfer_cases.errors import TransferCasesError
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(stderr=False)
+
+# Groups shown first in the printed config tree, in this order; the rest follow.
+TREE_ORDER = ("case", "backbone", "data", "model", "trainer", "callbacks", "logger", "paths")
+
+
+def friendly_errors(fn: F) -> F:
+    """Errors a user can fix from the config print as one message and exit with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TransferCasesError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a group such as `callbacks` or `logger`."""
+    if not cfg:
+        return []
+    return [instantiate_clean(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+@rank_zero_only
+def print_config(cfg: DictConfig) -> None:
+    """The composed config as a tree, main groups first (like `--cfg job`, but at every run)."""
+    tree = Tree("config", guide_style="dim")
+    keys = [k for k in TREE_ORDER if k in cfg] + [k for k in cfg if k not in TREE_ORDER]
+    for key in keys:
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    console.print(tree)
+
+
+@rank_zero_only
+def print_metrics(result: dict[str, Any]) -> None:
+    table = Table(title="final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(result["metrics"].items()):
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    if result.get("best_checkpoint"):
+        console.print(f"best checkpoint: {result['best_checkpoint']}")
+    console.print(f"run directory:   {result['output_dir']}")

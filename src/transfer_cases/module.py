@@ -1,0 +1,153 @@
+"""The LightningModule: a case applied to a staged body, plus a new head sized from the data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from transfer_cases.cases import Case
+from transfer_cases.config import instantiate_clean, to_dict
+from transfer_cases.errors import ConfigError
+from transfer_cases.heads import make_head
+from transfer_cases.preprocess import Preprocess
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 1e-4}
+
+
+class TransferModule(L.LightningModule):
+    """Image classifier built from a case, a backbone config and the data's class count.
+
+    Only configuration is saved in checkpoints (plain dicts), never modules, so
+    `TransferModule.load_from_checkpoint(path)` needs no extra arguments and the file loads
+    with `torch.load(weights_only=True)`.
+
+    Args:
+        backbone: backbone config with `_target_` (e.g. `TorchvisionBackbone`, `TinyCNN`).
+        case: case config (`name`, `init`, `keep`, `freeze`, `body_lr_scale`).
+        num_classes: from the data module.
+        class_names: from the data module; stored for prediction.
+        head: `make_head` options (`kind`, `hidden`, `dropout`).
+        optimizer: `_partial_` optimizer config; called with the param groups.
+        scheduler: optional `_partial_` LR-scheduler config; called with the optimizer (stepped per epoch).
+        preprocess: the preprocessing of the weights; taken from the backbone when None.
+        label_smoothing: cross-entropy label smoothing.
+        load_pretrained: load the backbone's weights file; turned off in saved checkpoints,
+            whose state dict already holds every weight.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        case: dict[str, Any],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        head: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        preprocess: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        load_pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        # Plain containers only (Hydra passes DictConfigs): hparams must load with weights_only=True.
+        backbone, case, head, optimizer, scheduler = map(to_dict, (backbone, case, head, optimizer, scheduler))
+        self.case = Case.from_config(case)
+        body = instantiate_clean(backbone).build(pretrained=self.case.pretrained and load_pretrained)
+        self.preprocess = Preprocess.from_dict(preprocess) if preprocess else body.preprocess
+        # Cut and freeze here, in __init__: before any optimizer or DDP wrapper sees the parameters.
+        self.backbone = self.case.apply(body)
+        self.head = make_head(self.backbone.out_features, num_classes, **(head or {}))
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ConfigError(f"{len(self.class_names)} class names for num_classes={num_classes}")
+        self.save_hyperparameters()
+        self.hparams.update(preprocess=self.preprocess.to_dict(), class_names=self.class_names)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    # -- parameters -----------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters only: the head at the base LR, trainable body stages scaled."""
+        lr = float((self.hparams.optimizer or DEFAULT_OPTIMIZER).get("lr", DEFAULT_OPTIMIZER["lr"]))
+        groups = [{"name": "head", "params": [p for p in self.head.parameters() if p.requires_grad], "lr": lr}]
+        body = [p for p in self.backbone.parameters() if p.requires_grad]
+        if body:
+            if self.case.body_lr_scale == 0:
+                raise ConfigError(
+                    f"case '{self.case.name}' trains {len(body)} body tensors with body_lr_scale=0: "
+                    "freeze them instead (case.freeze=all) or give them a learning rate"
+                )
+            groups.append({"name": "body", "params": body, "lr": lr * self.case.body_lr_scale})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate_clean(self.hparams.optimizer or DEFAULT_OPTIMIZER)(self.param_groups())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate_clean(self.hparams.scheduler)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -- loops ----------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        rank_zero_info(
+            f"case={self.case.name} body={self.backbone.name} stages kept={self.backbone.depth} "
+            f"frozen={self.backbone.num_frozen} | trainable params {counts['trainable']:,} "
+            f"| frozen params {counts['frozen']:,}"
+        )
+        for logger in self.loggers:
+            logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)
+        metrics.update(logits, y)
+        self.log_dict(metrics, prog_bar=True, batch_size=len(y))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).softmax(dim=1)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The state dict carries every weight: reloading must not need the original weights file
+        # (or a download), so the saved config says not to load it.
+        checkpoint["hyper_parameters"]["load_pretrained"] = False

@@ -1,0 +1,1 @@
+"""Maintenance tools: regenerate the embedded assets (run through `make`)."""

@@ -1,0 +1,157 @@
+"""Frozen means frozen: plain-PyTorch tests of every case on the tiny CNN and the real MobileNetV2."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import CASES, MOBILENET, TINY, case_config
+from transfer_cases.module import TransferModule
+
+BACKBONES = {"tiny": (TINY, 32), "mobilenet_v2": (MOBILENET, 64)}
+
+
+def make(backbone: str, case: str, num_classes: int = 3) -> tuple[TransferModule, int]:
+    cfg, size = BACKBONES[backbone]
+    return TransferModule(backbone=cfg, case=case_config(case), num_classes=num_classes), size
+
+
+def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: buf.clone()
+        for name, buf in module.named_buffers()
+        if "running_" in name or "num_batches" in name
+    }
+
+
+def expected_frozen_stages(case: str, depth: int) -> int:
+    return {"small_similar": depth, "small_different": depth, "large_similar": 0, "large_different": 0}[case]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("case", CASES)
+def test_exactly_intended_parameters_require_grad(backbone: str, case: str) -> None:
+    module, _ = make(backbone, case)
+    body = module.backbone
+    n_frozen = expected_frozen_stages(case, body.depth)
+    assert body.num_frozen == n_frozen
+    for i, stage in enumerate(body.stages):
+        flags = {p.requires_grad for p in stage.parameters()}
+        assert flags == {i >= n_frozen}, f"stage {i}"
+    assert all(p.requires_grad for p in module.head.parameters())
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in module.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("case", CASES)
+def test_optimizer_steps_change_only_trainable_state(backbone: str, case: str) -> None:
+    module, size = make(backbone, case)
+    module.train()
+    frozen_stages = module.backbone.stages[: module.backbone.num_frozen]
+    frozen_params = {n: p.clone() for n, p in frozen_stages.named_parameters()}
+    frozen_bn = bn_buffers(frozen_stages)
+    trainable_before = {n: p.clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainable_bn = bn_buffers(module.backbone.stages[module.backbone.num_frozen :])
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 0])
+    for _ in range(3):
+        optimizer.zero_grad()
+        module.loss(module(x), y).backward()
+        optimizer.step()
+    for name, value in frozen_params.items():
+        assert torch.equal(dict(frozen_stages.named_parameters())[name], value), name
+    for name, value in bn_buffers(frozen_stages).items():
+        assert torch.equal(frozen_bn[name], value), f"frozen BN buffer {name} moved"
+    current = dict(module.named_parameters())
+    assert all(not torch.equal(current[n], v) for n, v in trainable_before.items() if n.startswith("head"))
+    changed_body = [
+        n for n, v in trainable_before.items() if n.startswith("backbone") and not torch.equal(current[n], v)
+    ]
+    assert bool(changed_body) == (module.backbone.num_frozen < module.backbone.depth)
+    if trainable_bn:  # trainable stages in train mode do update their BatchNorm statistics
+        after = bn_buffers(module.backbone.stages[module.backbone.num_frozen :])
+        assert any(not torch.equal(after[n], v) for n, v in trainable_bn.items())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_frozen_stages_stay_in_eval_mode_through_train_calls(backbone: str) -> None:
+    module, _ = make(backbone, "small_different")
+    for _ in range(2):
+        module.train()
+        assert all(not m.training for stage in module.backbone.stages for m in stage.modules())
+        assert module.head.training
+        module.eval()
+        module.train(True)
+    assert all(not m.training for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backward_never_enters_the_frozen_prefix(backbone: str) -> None:
+    module, size = make(backbone, "small_similar")
+    calls = []
+    for stage in module.backbone.stages:
+        stage.register_full_backward_hook(lambda *_: calls.append(1))
+    module.train()
+    out = module(torch.randn(2, 3, size, size))
+    module.loss(out, torch.tensor([0, 1])).backward()
+    assert calls == []
+    assert all(p.grad is None for p in module.backbone.parameters())
+    assert all(p.grad is not None for p in module.head.parameters())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_small_different_cuts_the_body_and_sizes_the_head(backbone: str) -> None:
+    full, size = make(backbone, "small_similar")
+    cut, _ = make(backbone, "small_different")
+    assert cut.backbone.depth == full.backbone.depth - 1  # keep: -1 in configs/case/small_different.yaml
+    assert cut.backbone.out_features == full.backbone.widths[-2]
+    assert cut.head[-1].in_features == cut.backbone.out_features
+    features = cut.backbone(torch.randn(2, 3, size, size))
+    assert features.shape == (2, cut.backbone.out_features)
+    assert cut(torch.randn(2, 3, size, size)).shape == (2, 3)
+
+
+def test_scratch_init_differs_from_pretrained() -> None:
+    pretrained, _ = make("mobilenet_v2", "large_different")
+    scratch = TransferModule(
+        backbone=MOBILENET, case={**case_config("large_different"), "init": "scratch"}, num_classes=3
+    )
+    p = dict(pretrained.backbone.named_parameters())
+    s = dict(scratch.backbone.named_parameters())
+    assert p.keys() == s.keys()
+    assert all(not torch.equal(p[k], s[k]) for k in p if p[k].dim() > 1)
+    assert all(q.requires_grad for q in scratch.parameters())
+
+
+def test_param_groups_scale_the_body_learning_rate() -> None:
+    module, _ = make("tiny", "large_similar")
+    groups = {g["name"]: g for g in module.param_groups()}
+    assert groups["body"]["lr"] == pytest.approx(
+        groups["head"]["lr"] * case_config("large_similar")["body_lr_scale"]
+    )
+    frozen_only, _ = make("tiny", "small_similar")
+    assert [g["name"] for g in frozen_only.param_groups()] == ["head"]
+
+
+def test_a_fifth_case_in_yaml_terms_freezes_a_prefix_only() -> None:
+    case = {"name": "gradual", "init": "pretrained", "keep": None, "freeze": 2, "body_lr_scale": 0.5}
+    module = TransferModule(backbone=TINY, case=case, num_classes=2)
+    assert [all(not p.requires_grad for p in s.parameters()) for s in module.backbone.stages] == [
+        True,
+        True,
+        False,
+    ]
+    module.train()
+    assert [s.training for s in module.backbone.stages] == [False, False, True]
+    before = copy.deepcopy(module.backbone.stages[0].state_dict())
+    out = module(torch.randn(4, 3, 32, 32))
+    module.loss(out, torch.tensor([0, 1, 0, 1])).backward()
+    assert module.backbone.stages[2][0].weight.grad is not None
+    assert all(torch.equal(before[k], v) for k, v in module.backbone.stages[0].state_dict().items())
