@@ -17,7 +17,12 @@ from PIL import Image
 from transfer_cases import asset_path, config_dir
 
 CASES = ("small_similar", "small_different", "large_similar", "large_different")
-TINY = {"_target_": "transfer_cases.backbones.TinyCNN", "widths": [8, 16, 32], "weights": None, "image_size": 32}
+TINY = {
+    "_target_": "transfer_cases.backbones.TinyCNN",
+    "widths": [8, 16, 32],
+    "weights": None,
+    "image_size": 32,
+}
 MOBILENET = {
     "_target_": "transfer_cases.backbones.TorchvisionBackbone",
     "arch": "mobilenet_v2",
@@ -32,7 +37,9 @@ def case_config(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(config_dir() / "case" / f"{name}.yaml"))
 
 
-def write_image_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 6, size: int = 40) -> Path:
+def write_image_folder(
+    root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 6, size: int = 40
+) -> Path:
     """`root/{train,val}/<class>/*.png`: each class a distinct colour plus noise, so it is learnable."""
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("val", max(2, per_class // 2))):

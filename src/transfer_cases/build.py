@@ -34,4 +34,3 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
     )
     datamodule.preprocess = module.preprocess
     return module, datamodule
-

@@ -39,8 +39,9 @@ class Case:
             raise ConfigError(f"case.freeze must be 'all', 'none' or a number of stages, got {self.freeze!r}")
         if self.init == "scratch" and self.freeze != "none":
             raise ConfigError(
-                f"case '{self.name}' freezes randomly initialised stages (init=scratch, freeze={self.freeze}): "
-                "frozen random features are useless; set case.freeze=none or case.init=pretrained"
+                f"case {self.name!r} freezes randomly initialised stages "
+                f"(init=scratch, freeze={self.freeze}): frozen random features are useless; "
+                "set case.freeze=none or case.init=pretrained"
             )
         if self.body_lr_scale < 0:
             raise ConfigError(f"case.body_lr_scale must be >= 0, got {self.body_lr_scale}")
@@ -66,7 +67,9 @@ class Case:
         if self.freeze == "none":
             return 0
         if self.freeze > depth:
-            raise ConfigError(f"case.freeze={self.freeze} but only {depth} stages are kept (case.keep={self.keep})")
+            raise ConfigError(
+                f"case.freeze={self.freeze} but only {depth} stages are kept (case.keep={self.keep})"
+            )
         return self.freeze
 
     def apply(self, body: StagedBody) -> StagedBody:

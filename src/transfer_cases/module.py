@@ -56,7 +56,9 @@ class TransferModule(L.LightningModule):
     ) -> None:
         super().__init__()
         # Plain containers only (Hydra passes DictConfigs): hparams must load with weights_only=True.
-        backbone, case, head, optimizer, scheduler = map(to_dict, (backbone, case, head, optimizer, scheduler))
+        backbone, case, head, optimizer, scheduler = map(
+            to_dict, (backbone, case, head, optimizer, scheduler)
+        )
         self.case = Case.from_config(case)
         body = instantiate_clean(backbone).build(pretrained=self.case.pretrained and load_pretrained)
         self.preprocess = Preprocess.from_dict(preprocess) if preprocess else body.preprocess
@@ -91,7 +93,9 @@ class TransferModule(L.LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters only: the head at the base LR, trainable body stages scaled."""
         lr = float((self.hparams.optimizer or DEFAULT_OPTIMIZER).get("lr", DEFAULT_OPTIMIZER["lr"]))
-        groups = [{"name": "head", "params": [p for p in self.head.parameters() if p.requires_grad], "lr": lr}]
+        groups = [
+            {"name": "head", "params": [p for p in self.head.parameters() if p.requires_grad], "lr": lr}
+        ]
         body = [p for p in self.backbone.parameters() if p.requires_grad]
         if body:
             if self.case.body_lr_scale == 0:
@@ -129,7 +133,9 @@ class TransferModule(L.LightningModule):
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+    def _eval_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str
+    ) -> None:
         x, y = batch
         logits = self(x)
         self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from transfer_cases.errors import ConfigError
+from transfer_cases.errors import ConfigError, WeightsError
 from transfer_cases.preprocess import Preprocess
 
 
@@ -76,6 +76,26 @@ class StagedBody(nn.Module):
                 widths[-1] = int(x.shape[1])
         stages = [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
         return cls(stages, widths, neck=neck, preprocess=preprocess, name=name)
+
+    def load_body_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load a saved body (possibly cut shorter) into the first stages of this one."""
+        own = self.state_dict()
+        kept = {int(k.split(".")[1]) for k in state if k.startswith("stages.")}
+        unexpected = [k for k in state if k not in own]
+        wrong = [
+            f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        missing = [
+            k for k in own if k.startswith("stages.") and int(k.split(".")[1]) in kept and k not in state
+        ]
+        if unexpected or wrong or missing:
+            raise WeightsError(
+                f"the body in {source} does not fit {self.name}: "
+                f"unexpected {unexpected[:3]}, shape mismatches {wrong[:3]}, missing {missing[:3]}"
+            )
+        self.load_state_dict(state, strict=False)
 
     @property
     def depth(self) -> int:

@@ -41,6 +41,10 @@ class TinyCNN:
         preprocess = Preprocess(
             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_size=self.image_size, crop_size=self.image_size
         )
+        body_state = None
         if pretrained and self.weights:
-            preprocess = load_weights_path(model, "tiny_cnn", self.weights)
-        return StagedBody.from_blocks(list(model.features), preprocess=preprocess, name="tiny_cnn")
+            preprocess, body_state = load_weights_path(model, "tiny_cnn", self.weights)
+        body = StagedBody.from_blocks(list(model.features), preprocess=preprocess, name="tiny_cnn")
+        if body_state is not None:
+            body.load_body_state(body_state, str(self.weights))
+        return body

@@ -57,8 +57,18 @@ def load_torchvision_weights(model: nn.Module, arch: str, name: str) -> Preproce
     )
 
 
-def load_weights_path(model: nn.Module, arch: str, path: str | Path) -> Preprocess:
-    """Load a local weights file into `model`, naming the file in every error."""
+BODY_PREFIX = "backbone."
+
+
+def load_weights_path(
+    model: nn.Module, arch: str, path: str | Path
+) -> tuple[Preprocess, dict[str, torch.Tensor] | None]:
+    """Load a local weights file into `model`, naming the file in every error.
+
+    A checkpoint of this project (keys `backbone.*`, `head.*`) is not loaded into `model`: its body
+    state is returned instead, for the staged body, and its head is dropped, so a checkpoint
+    trained on other classes can initialise a new task without a head-shape mismatch.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -68,8 +78,11 @@ def load_weights_path(model: nn.Module, arch: str, path: str | Path) -> Preproce
         )
     try:
         wf = load_weights_file(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+    except Exception as e:
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
+    body_state = {k[len(BODY_PREFIX) :]: v for k, v in wf.state_dict.items() if k.startswith(BODY_PREFIX)}
+    if body_state:
+        return Preprocess.from_dict(wf.meta), body_state
     if wf.arch is not None and wf.arch != arch:
         raise WeightsError(f"weights file {path} holds '{wf.arch}' weights, but backbone.arch is '{arch}'")
     try:
@@ -83,7 +96,7 @@ def load_weights_path(model: nn.Module, arch: str, path: str | Path) -> Preproce
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
-    return Preprocess.from_dict(wf.meta)
+    return Preprocess.from_dict(wf.meta), None
 
 
 def _first_lines(text: str, n: int = 6) -> str:

@@ -50,7 +50,9 @@ def load_weights_file(path: str | Path) -> WeightsFile:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         state, arch, meta = obj["state_dict"], obj.get("arch"), dict(obj.get("meta") or {})
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        state, arch, meta = obj["state_dict"], None, {}  # a Lightning-style checkpoint
+        # A Lightning checkpoint: keep the preprocessing its model was trained with.
+        state, arch = obj["state_dict"], None
+        meta = dict((obj.get("hyper_parameters") or {}).get("preprocess") or {})
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state, arch, meta = obj, None, {}
     else:

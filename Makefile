@@ -1,0 +1,45 @@
+# Every target sets itself up: a fresh clone needs only `make train` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ARGS ?=
+
+.PHONY: help install train test test-all lint format weights embed-data clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)  ## create .venv and install the project with its dev extras
+
+train: $(STAMP)  ## the default job: small_similar, embedded MobileNetV2 + hymenoptera (ARGS="case=... ...")
+	$(BIN)/transfer-train $(ARGS)
+
+test: $(STAMP)  ## the fast test suite (a few minutes on 2 cores)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-all: $(STAMP)  ## fast and slow tests
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+weights: $(STAMP)  ## rebuild the embedded MobileNetV2 from the TF-Lite file in ../shared/data
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[convert]"
+	$(BIN)/python -m transfer_cases.convert.tflite_mobilenet
+
+embed-data: $(STAMP)  ## rebuild the embedded hymenoptera copy from ../shared/data
+	$(BIN)/python -m transfer_cases.tools.embed_data ../shared/data/hymenoptera_data
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""Every config composes and instantiates; every case runs from the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+from omegaconf import DictConfig
+
+from tests.conftest import CASES
+from transfer_cases import build, config_dir
+from transfer_cases.cases import Case
+from transfer_cases.cli import instantiate_list
+from transfer_cases.config import instantiate_clean
+from transfer_cases.data import ClassificationDataModule
+from transfer_cases.module import TransferModule
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY_OVERRIDES = ("backbone=tiny_cnn", "data.num_workers=0")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def test_case_group_has_exactly_the_four_cases() -> None:
+    assert options("case") == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_case_configs_build_cases(compose_train: Callable[..., DictConfig], case: str) -> None:
+    cfg = compose_train(f"case={case}")
+    assert Case.from_config(dict(cfg.case)).name == case
+
+
+@pytest.mark.parametrize("backbone", options("backbone"))
+def test_backbone_configs_instantiate(compose_train: Callable[..., DictConfig], backbone: str) -> None:
+    cfg = compose_train(f"backbone={backbone}")
+    spec = instantiate_clean(cfg.backbone)
+    # Only the embedded weights are on disk: the others are checked with random initialisation.
+    body = spec.build(pretrained=backbone in ("mobilenet_v2", "tiny_cnn"))
+    assert body.depth >= 3 and body.out_features == body.widths[-1]
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_configs_instantiate(
+    compose_train: Callable[..., DictConfig], data: str, image_folder: Path
+) -> None:
+    overrides = [f"data={data}", f"paths.data_dir={SHARED}"]
+    if data == "imagefolder":
+        overrides.append(f"data.root={image_folder}")
+    elif data in ("mnist", "cifar10") and not SHARED.is_dir():
+        pytest.skip("../shared/data is not next to this checkout")
+    dm = instantiate_clean(compose_train(*overrides).data)
+    assert isinstance(dm, ClassificationDataModule) and dm.num_classes >= 2
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"trainer={o}" for o in options("trainer")]
+    + [f"precision={o}" for o in options("precision")]
+    + [f"logger={o}" for o in options("logger")]
+    + [f"callbacks={o}" for o in options("callbacks")]
+    + [f"debug={o}" for o in options("debug")],
+)
+def test_trainer_side_configs_instantiate(compose_train: Callable[..., DictConfig], override: str) -> None:
+    cfg = compose_train(override)
+    if cfg.trainer.accelerator == "gpu":
+        cfg.trainer.accelerator = "cpu"  # the gpu preset must compose here; it runs where a GPU is
+    trainer = instantiate_clean(
+        cfg.trainer,
+        callbacks=instantiate_list(cfg.get("callbacks")),
+        logger=instantiate_list(cfg.get("logger")) or False,
+    )
+    assert isinstance(trainer, L.Trainer)
+    if override.startswith("precision="):  # the preset reaches the trainer config (fp16 runs as bf16 on CPU)
+        assert str(cfg.trainer.precision).startswith(override.split("=")[1])
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_compose(compose_train: Callable[..., DictConfig], experiment: str) -> None:
+    cfg = compose_train(f"experiment={experiment}")
+    assert cfg.case.name in CASES and "_target_" in cfg.data
+
+
+def test_default_config_builds_the_embedded_job(compose_train: Callable[..., DictConfig]) -> None:
+    module, dm = build(compose_train())
+    assert isinstance(module, TransferModule)
+    assert module.case.name == "small_similar" and module.backbone.fully_frozen
+    assert dm.classes == ["ants", "bees"] and module.head[-1].out_features == 2
+    assert dm.preprocess == module.preprocess and module.preprocess.mean == (0.5, 0.5, 0.5)
+
+
+def test_model_config_builds_mlp_head(compose_train: Callable[..., DictConfig], image_folder: Path) -> None:
+    cfg = compose_train(
+        *TINY_OVERRIDES, f"data.root={image_folder}", "model.head.kind=mlp", "model.head.hidden=16"
+    )
+    module, _ = build(cfg)
+    assert [type(m).__name__ for m in module.head] == ["Linear", "ReLU", "Linear"]
+    assert module.head[0].in_features == module.backbone.out_features
+
+
+def test_eval_config_composes(compose_train: Callable[..., DictConfig]) -> None:
+    cfg = compose_train("ckpt_path=x.ckpt", config_name="eval")
+    assert cfg.split == "val" and "_target_" in cfg.data
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name(args[0])
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_case_runs_fast_dev_run_from_the_command_line(
+    tmp_path: Path, image_folder: Path, case: str
+) -> None:
+    run = run_cli(
+        "transfer-train",
+        f"case={case}",
+        *TINY_OVERRIDES,
+        f"data.root={image_folder}",
+        "debug=fdr",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"case={case}" in run.stdout + run.stderr  # the parameter-count line at fit start
+    assert "val/acc" in run.stdout  # the final metrics table

@@ -1,0 +1,147 @@
+"""The module under a real Lightning Trainer: eval-mode immunity across loops, checkpoints, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import CASES, TINY, case_config
+from transfer_cases.data import ImageFolderDataModule
+from transfer_cases.errors import WeightsError
+from transfer_cases.module import TransferModule
+
+
+class FrozenWatch(L.Callback):
+    """Checks at every training step that the frozen prefix is in eval mode and unchanged."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.reference: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: TransferModule, *_: object) -> None:
+        frozen = module.backbone.stages[: module.backbone.num_frozen]
+        assert all(not m.training for m in frozen.modules() if m is not frozen)
+        state = {k: v.clone() for k, v in frozen.state_dict().items()}
+        if not self.reference:
+            self.reference = state
+        assert state.keys() == self.reference.keys()
+        assert all(torch.equal(state[k], v) for k, v in self.reference.items())
+        self.steps += 1
+
+
+def datamodule(root: Path, module: TransferModule) -> ImageFolderDataModule:
+    return ImageFolderDataModule(root, batch_size=4, preprocess=module.preprocess, image_size=32)
+
+
+def trainer(tmp_path: Path, epochs: int = 2, **kwargs: object) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fit_with_validation_keeps_frozen_prefix_frozen(
+    tmp_path: Path, image_folder: Path, case: str
+) -> None:
+    module = TransferModule(backbone=TINY, case=case_config(case), num_classes=2)
+    watch = FrozenWatch()
+    trainer(tmp_path, callbacks=[watch], num_sanity_val_steps=1).fit(module, datamodule(image_folder, module))
+    assert watch.steps == 2 * 3  # 12 train images / batch 4, two epochs, validation in between
+
+
+def test_checkpoint_round_trip_restores_split_and_predictions(tmp_path: Path, image_folder: Path) -> None:
+    module = TransferModule(
+        backbone=TINY, case=case_config("small_different"), num_classes=2, class_names=["a", "b"]
+    )
+    t = trainer(tmp_path, epochs=1)
+    t.fit(module, datamodule(image_folder, module))
+    path = tmp_path / "model.ckpt"
+    t.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True)  # only tensors and plain containers inside
+    assert raw["hyper_parameters"]["load_pretrained"] is False
+    loaded = TransferModule.load_from_checkpoint(path)
+    assert loaded.class_names == ["a", "b"]
+    assert (
+        loaded.backbone.depth == module.backbone.depth
+        and loaded.backbone.num_frozen == module.backbone.num_frozen
+    )
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in module.parameters()]
+    x = torch.randn(3, 3, 32, 32)
+    module.eval(), loaded.eval()
+    assert torch.equal(module(x), loaded(x))
+
+
+def tiny_weights_file(path: Path) -> Path:
+    """A "pretrained" tiny CNN in the project's weights format (random, but fixed and on disk)."""
+    from transfer_cases.backbones.tiny import _TinyNet
+    from transfer_cases.backbones.weights_file import save_weights_file
+
+    save_weights_file(path, _TinyNet(TINY["widths"]).state_dict(), arch="tiny_cnn", meta={}, half=False)
+    return path
+
+
+def test_checkpoint_loads_after_the_pretrained_weights_file_is_gone(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    weights = tiny_weights_file(tmp_path / "tiny.pt")
+    module = TransferModule(
+        backbone={**TINY, "weights": str(weights)}, case=case_config("large_similar"), num_classes=2
+    )
+    t = trainer(tmp_path, epochs=1)
+    t.fit(module, datamodule(image_folder, module))
+    t.save_checkpoint(tmp_path / "model.ckpt")
+    weights.unlink()
+    loaded = TransferModule.load_from_checkpoint(tmp_path / "model.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    module.eval(), loaded.eval()
+    assert torch.equal(module(x), loaded(x))
+
+
+def test_resume_keeps_split_and_param_groups(tmp_path: Path, image_folder: Path) -> None:
+    case = {"name": "partial", "init": "pretrained", "keep": None, "freeze": 2, "body_lr_scale": 0.1}
+    backbone = {**TINY, "weights": str(tiny_weights_file(tmp_path / "tiny.pt"))}
+    first = TransferModule(backbone=backbone, case=case, num_classes=2)
+    frozen_before = {k: v.clone() for k, v in first.backbone.stages[:2].state_dict().items()}
+    t1 = trainer(tmp_path, epochs=1)
+    t1.fit(first, datamodule(image_folder, first))
+    t1.save_checkpoint(tmp_path / "epoch1.ckpt")
+    groups_before = [(g["name"], len(g["params"]), g["lr"]) for g in t1.optimizers[0].param_groups]
+
+    resumed = TransferModule(backbone=backbone, case=case, num_classes=2)
+    watch = FrozenWatch()
+    t2 = trainer(tmp_path, epochs=2, callbacks=[watch])
+    t2.fit(resumed, datamodule(image_folder, resumed), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert t2.current_epoch == 2 and watch.steps == 3  # only the second epoch ran
+    assert [(g["name"], len(g["params"])) for g in t2.optimizers[0].param_groups] == [
+        g[:2] for g in groups_before
+    ]
+    assert [p.requires_grad for p in resumed.parameters()] == [p.requires_grad for p in first.parameters()]
+    after = resumed.backbone.stages[:2].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen_before.items())
+
+
+def test_checkpoint_body_initialises_a_task_with_other_classes(tmp_path: Path, image_folder: Path) -> None:
+    three = TransferModule(backbone=TINY, case=case_config("large_different"), num_classes=3)
+    t = trainer(tmp_path, epochs=0)
+    t.strategy.connect(three)
+    t.save_checkpoint(tmp_path / "three.ckpt")
+    two = TransferModule(
+        backbone={**TINY, "weights": str(tmp_path / "three.ckpt")},
+        case=case_config("small_similar"),
+        num_classes=2,
+    )
+    assert two.head[-1].out_features == 2
+    same = two.backbone.state_dict()
+    assert all(torch.equal(same[k], v) for k, v in three.backbone.state_dict().items())
+    wider = {**TINY, "widths": [8, 16, 64], "weights": str(tmp_path / "three.ckpt")}
+    with pytest.raises(WeightsError, match=r"three\.ckpt"):
+        TransferModule(backbone=wider, case=case_config("small_similar"), num_classes=2)
