@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+import time
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from transfer_cases.build import build
 from transfer_cases.cli import friendly_errors, instantiate_list, print_config, print_metrics
 from transfer_cases.config import instantiate_clean, register_resolvers
 from transfer_cases.paths import config_dir
+from transfer_cases.summary import write_summary
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and test) the configured case; returns the final metrics and the best checkpoint path."""
+    """Fit (and test) the configured case; returns metrics, timings and the best checkpoint path."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     trainer: L.Trainer = instantiate_clean(
@@ -24,20 +30,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=instantiate_list(cfg.get("callbacks")),
         logger=instantiate_list(cfg.get("logger")) or False,
     )
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_time = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test") and datamodule.test_dataset is not None and not trainer.fast_dev_run:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    return {"metrics": metrics, "best_checkpoint": best, "output_dir": str(Path(cfg.paths.output_dir))}
+    return {
+        "metrics": metrics,
+        "best_checkpoint": best,
+        "best_score": float(trainer.checkpoint_callback.best_model_score or 0) if best else None,
+        "train_time_s": round(train_time, 2),
+        "epochs": trainer.current_epoch,
+        "params": module.parameter_counts(),
+        "output_dir": str(cfg.paths.output_dir),
+    }
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @friendly_errors
 def _main(cfg: DictConfig) -> float | None:
     print_config(cfg)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Exception as e:
+        write_summary(cfg, "failed", error=f"{type(e).__name__}: {e}")
+        if not _in_multirun():
+            raise
+        # One failed job must not end the sweep: the others run, and the report names this one.
+        log.exception("job failed: %s", HydraConfig.get().job.override_dirname)
+        return float("nan")
+    write_summary(cfg, "ok", result)
     print_metrics(result)
     return result["metrics"].get(cfg.get("optimized_metric"))
 
