@@ -133,8 +133,9 @@ class TransferModule(L.LightningModule):
         logits = self(x)
         loss = self.loss(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
-        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
+        n = len(y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def _eval_step(

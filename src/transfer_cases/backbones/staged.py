@@ -142,6 +142,15 @@ class StagedBody(nn.Module):
     def fully_frozen(self) -> bool:
         return self.num_frozen == self.depth
 
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the frozen prefix (what must never change)."""
+        state = {}
+        for i, stage in enumerate(self.stages[: self.num_frozen]):
+            state.update({f"stages.{i}.{k}": v for k, v in stage.state_dict(keep_vars=True).items()})
+        if self.fully_frozen:
+            state.update({f"neck.{k}": v for k, v in self.neck.state_dict(keep_vars=True).items()})
+        return state
+
     def train(self, mode: bool = True) -> StagedBody:
         # Lightning and users call .train() on the whole model around every fit/validate loop;
         # without this override, frozen BatchNorm layers would start updating running statistics.

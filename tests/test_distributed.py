@@ -1,0 +1,98 @@
+"""DDP with frozen parameters (2 CPU processes, gloo) and bf16 autocast on CPU, for every case."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import CASES, TINY, case_config
+from tests.test_configs import TINY_OVERRIDES, run_cli
+from transfer_cases.callbacks import FreezeGuard, frozen_digest
+from transfer_cases.data import ImageFolderDataModule
+from transfer_cases.module import TransferModule
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+# Each DDP run starts two processes (~10 s here): the fully frozen case, where the trap lies, runs in
+# the fast suite; the other three in `make test-all`.
+DDP_CASES = [c if c == "small_similar" else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+
+
+@pytest.mark.parametrize("case", DDP_CASES)
+def test_ddp_cpu_two_processes(tmp_path: Path, image_folder: Path, case: str) -> None:
+    guard_dir = tmp_path / "guard"
+    run = run_cli(
+        "transfer-train",
+        "trainer=ddp_cpu",
+        f"case={case}",
+        *TINY_OVERRIDES,
+        f"data.root={image_folder}",
+        "trainer.max_epochs=2",
+        "data.batch_size=2",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"+callbacks.freeze_guard.report_dir={guard_dir}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "find_unused_parameters=True" not in run.stderr and "did not receive grad" not in run.stderr
+    reports = [json.loads(p.read_text()) for p in sorted(guard_dir.glob("freeze_guard_rank*.json"))]
+    assert [r["rank"] for r in reports] == [0, 1] and all(r["world_size"] == 2 for r in reports)
+    assert all(r["start"] == r["end"] for r in reports)  # frozen weights and BN statistics, every rank
+    assert reports[0]["start"] == reports[1]["start"]  # both ranks froze the same pretrained prefix
+    assert all(r["find_unused_parameters"] is False for r in reports)
+    # One run directory (not one per rank), one metrics file, each epoch logged once.
+    run_dirs = [p for p in (tmp_path / "outputs" / "train" / "runs").iterdir() if p.is_dir()]
+    assert len(run_dirs) == 1, run_dirs
+    with open(run_dirs[0] / "csv" / "metrics.csv") as f:
+        val_epochs = [r["epoch"] for r in csv.DictReader(f) if r.get("val/acc")]
+    assert val_epochs == ["0", "1"]
+    assert list(run_dirs[0].rglob("metrics.csv")) == [run_dirs[0] / "csv" / "metrics.csv"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_autocast_on_cpu_trains_one_step(tmp_path: Path, image_folder: Path, case: str) -> None:
+    module = TransferModule(backbone=TINY, case=case_config(case), num_classes=2)
+    before = frozen_digest(module)
+    head_before = module.head[-1].weight.clone()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        fast_dev_run=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FreezeGuard()],
+        default_root_dir=tmp_path,
+    )
+    dm = ImageFolderDataModule(image_folder, batch_size=4, preprocess=module.preprocess, image_size=32)
+    trainer.fit(module, dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert module.head[-1].weight.dtype == torch.float32  # autocast, not a bf16 copy of the weights
+    assert not torch.equal(module.head[-1].weight, head_before)
+    assert frozen_digest(module) == before
+
+
+def test_freeze_guard_catches_a_frozen_stage_left_in_train_mode(tmp_path: Path, image_folder: Path) -> None:
+    module = TransferModule(backbone=TINY, case=case_config("small_similar"), num_classes=2)
+
+    class Unfreezer(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: TransferModule, *_: object) -> None:
+            torch.nn.Module.train(pl_module.backbone.stages[0], True)  # what a plain .train() would do
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        fast_dev_run=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Unfreezer(), FreezeGuard()],
+        default_root_dir=tmp_path,
+    )
+    dm = ImageFolderDataModule(image_folder, batch_size=4, preprocess=module.preprocess, image_size=32)
+    with pytest.raises(RuntimeError, match="frozen stage is in train mode"):
+        trainer.fit(module, dm)
