@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: help install train test test-all lint format weights embed-data clean
+.PHONY: help install train test test-all lint format weights embed-data gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ weights: $(STAMP)  ## rebuild the embedded MobileNetV2 from the TF-Lite file in 
 
 embed-data: $(STAMP)  ## rebuild the embedded hymenoptera copy from ../shared/data
 	$(BIN)/python -m transfer_cases.tools.embed_data ../shared/data/hymenoptera_data
+
+gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
+	$(BIN)/python -m transfer_cases.tools.gpu_check $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from transfer_cases.config import instantiate_clean
-from transfer_cases.errors import TransferCasesError
+from transfer_cases.errors import ConfigError, TransferCasesError
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=False)
@@ -39,10 +39,35 @@ def friendly_errors(fn: F) -> F:
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every `_target_` entry of a group such as `callbacks` or `logger`."""
+    """Instantiate every `_target_` entry of a group such as `callbacks` or `logger`.
+
+    An entry whose package is missing (wandb, mlflow, ...) names the extra that provides it.
+    """
     if not cfg:
         return []
-    return [instantiate_clean(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+    objects = []
+    for key, c in cfg.items():
+        if not (isinstance(c, DictConfig) and "_target_" in c):
+            continue
+        try:
+            objects.append(instantiate_clean(c))
+        except Exception as e:
+            if not _missing_package(e):
+                raise
+            raise ConfigError(
+                f"'{key}' needs a package that is not installed ({_missing_package(e)}); "
+                f'install the extra: pip install -e ".[{key}]"'
+            ) from None
+    return objects
+
+
+def _missing_package(error: BaseException | None) -> str | None:
+    """The message of an ImportError anywhere in the cause chain (Lightning raises ModuleNotFoundError)."""
+    while error is not None:
+        if isinstance(error, ImportError):
+            return str(error).splitlines()[0]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @rank_zero_only
