@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from transfer_cases.cases import Case
 from transfer_cases.cli import instantiate_list
 from transfer_cases.config import instantiate_clean
 from transfer_cases.data import ClassificationDataModule
+from transfer_cases.errors import ConfigError
 from transfer_cases.module import TransferModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -71,7 +73,14 @@ def test_data_configs_instantiate(
 def test_trainer_side_configs_instantiate(compose_train: Callable[..., DictConfig], override: str) -> None:
     cfg = compose_train(override)
     if cfg.trainer.accelerator == "gpu":
-        cfg.trainer.accelerator = "cpu"  # the gpu preset must compose here; it runs where a GPU is
+        cfg.trainer.accelerator = "cpu"  # the gpu presets must compose here; they run where a GPU is
+    optional = {"logger=wandb": "wandb", "logger=mlflow": "mlflow"}
+    if override in optional and importlib.util.find_spec(optional[override]) is None:
+        with pytest.raises(
+            ConfigError, match=rf'install the extra: pip install -e "\.\[{optional[override]}\]"'
+        ):
+            instantiate_list(cfg.logger)
+        return
     trainer = instantiate_clean(
         cfg.trainer,
         callbacks=instantiate_list(cfg.get("callbacks")),
@@ -80,6 +89,14 @@ def test_trainer_side_configs_instantiate(compose_train: Callable[..., DictConfi
     assert isinstance(trainer, L.Trainer)
     if override.startswith("precision="):  # the preset reaches the trainer config (fp16 runs as bf16 on CPU)
         assert str(cfg.trainer.precision).startswith(override.split("=")[1])
+
+
+@pytest.mark.parametrize("search", options("hparams_search"))
+def test_hparams_searches_compose(compose_train: Callable[..., DictConfig], search: str) -> None:
+    cfg = compose_train(f"hparams_search={search}")
+    assert cfg.optimized_metric == "val/acc"
+    if search != "optuna":
+        assert cfg.case.name == search.removesuffix("_optuna")
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -16,13 +16,12 @@ from transfer_cases.callbacks import FreezeGuard, frozen_digest
 from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.module import TransferModule
 
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 # Each DDP run starts two processes (~10 s here): the fully frozen case, where the trap lies, runs in
 # the fast suite; the other three in `make test-all`.
 DDP_CASES = [c if c == "small_similar" else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("case", DDP_CASES)
 def test_ddp_cpu_two_processes(tmp_path: Path, image_folder: Path, case: str) -> None:
     guard_dir = tmp_path / "guard"
