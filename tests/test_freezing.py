@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -155,3 +157,27 @@ def test_a_fifth_case_in_yaml_terms_freezes_a_prefix_only() -> None:
     module.loss(out, torch.tensor([0, 1, 0, 1])).backward()
     assert module.backbone.stages[2][0].weight.grad is not None
     assert all(torch.equal(before[k], v) for k, v in module.backbone.stages[0].state_dict().items())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoint_round_trip_restores_split_and_predictions(
+    tmp_path: Path, backbone: str, case: str
+) -> None:
+    module, size = make(backbone, case)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    module.train()
+    module.loss(module(torch.randn(4, 3, size, size)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()  # the checkpoint must hold trained weights, not re-derivable ones
+    trainer = L.Trainer(logger=False, max_epochs=0, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = TransferModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    assert loaded.backbone.depth == module.backbone.depth
+    assert loaded.backbone.num_frozen == module.backbone.num_frozen
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in module.parameters()]
+    assert [g["name"] for g in loaded.param_groups()] == [g["name"] for g in module.param_groups()]
+    x = torch.randn(2, 3, size, size)
+    module.eval(), loaded.eval()
+    assert torch.equal(module(x), loaded(x))
