@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: help install train test test-all lint format weights embed-data gpu-check clean
+.PHONY: help install train test test-all lint format weights embed-data gpu-check matrix clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ weights: $(STAMP)  ## rebuild the embedded MobileNetV2 from the TF-Lite file in 
 
 embed-data: $(STAMP)  ## rebuild the embedded hymenoptera copy from ../shared/data
 	$(BIN)/python -m transfer_cases.tools.embed_data ../shared/data/hymenoptera_data
+
+matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); report in notebooks/results/
+	rm -rf outputs/matrix
+	$(BIN)/transfer-train -m case=small_similar,small_different,large_similar,large_different \
+		callbacks.progress_bar.refresh_rate=0 hydra.sweep.dir=outputs/matrix $(ARGS)
+	$(BIN)/transfer-report outputs/matrix --out notebooks/results
 
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
 	$(BIN)/python -m transfer_cases.tools.gpu_check $(ARGS)

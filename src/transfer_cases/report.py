@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
+from rich import box
 from rich.table import Table
 
 from transfer_cases.cli import console, friendly_errors
@@ -40,6 +42,7 @@ CSV_FIELDS = (
 )
 # Overrides with a column of their own; the label only repeats them when they vary.
 SHOWN_KEYS = ("case", "backbone", "case.init")
+TEXT_COLUMNS = ("job", "case", "backbone", "init", "other overrides", "status")
 DPI = 120
 FAILED_COLOR = "tab:red"
 
@@ -47,7 +50,10 @@ FAILED_COLOR = "tab:red"
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per job folder (a subfolder with `.hydra/`), in job-number order.
 
-    A job without `summary.json` crashed hard (or is still running): it is a failed row, not skipped.
+    Keys: job (folder name), num, dir, case, backbone, init, status ("ok" | "failed"), val_acc,
+    val_f1, train_time_s, trainable_params, epochs, error, curve ([(epoch, val acc)]), overrides
+    (those that vary across jobs) and label (for charts). A job without `summary.json` crashed
+    hard (or is still running): it is a failed row, not skipped.
     """
     sweep = Path(sweep_dir)
     jobs = sorted((d for d in sweep.iterdir() if (d / ".hydra").is_dir()), key=_job_order)
@@ -69,7 +75,7 @@ def _job_order(job_dir: Path) -> tuple[float, str]:
 
 def _job_row(job_dir: Path) -> dict[str, Any]:
     cfg = _load_yaml(job_dir / ".hydra" / "config.yaml")
-    history = read_val_history(job_dir)
+    history = _val_history(job_dir)
     try:
         summary = read_summary(job_dir)
     except ValueError as e:
@@ -114,13 +120,13 @@ def _load_yaml(path: Path) -> Any:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {}
 
 
-def read_val_history(job_dir: str | Path) -> dict[int, dict[str, float]]:
+def _val_history(job_dir: Path) -> dict[int, dict[str, float]]:
     """`{epoch: {"val/acc": ..., "val/f1": ...}}` from the job's `csv/metrics.csv` (empty if none).
 
     The CSV logger writes one row per logging event with blanks elsewhere; the last value of an
     epoch wins, so a resumed run's repeated epoch counts once.
     """
-    path = Path(job_dir) / "csv" / "metrics.csv"
+    path = job_dir / "csv" / "metrics.csv"
     if not path.is_file():
         return {}
     history: dict[int, dict[str, float]] = {}
@@ -172,7 +178,7 @@ def _table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _table_cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     cells = {
-        "job": row["job"] if row["num"] is None else str(row["num"]),
+        "job": _job_id(row),
         "case": row["case"] or "-",
         "backbone": row["backbone"] or "-",
         "init": row["init"] or "-",
@@ -187,6 +193,10 @@ def _table_cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     return [cells[c] for c in columns]
 
 
+def _job_id(row: dict[str, Any]) -> str:
+    return row["job"] if row["num"] is None else str(row["num"])
+
+
 def _markdown(rows: Sequence[dict[str, Any]]) -> str:
     columns = _table_columns(rows)
     lines = ["# Sweep report", ""]
@@ -197,19 +207,24 @@ def _markdown(rows: Sequence[dict[str, Any]]) -> str:
     scored = [r for r in rows if r["val_acc"] is not None]
     if scored:
         best = max(scored, key=lambda r: r["val_acc"])
-        lines += ["", f"Best val acc: **{_fmt_score(best['val_acc'])}**, {best['label']} (`{best['job']}`)."]
+        lines += [
+            "",
+            f"Best val acc: **{_fmt_score(best['val_acc'])}**: {best['label']}, job {_job_id(best)}.",
+        ]
     lines += ["", "![accuracy and training time](report.png)", "", "![learning curves](learning_curves.png)"]
     lines += ["", "## Failed jobs", ""]
     failed = [r for r in rows if r["status"] != "ok"]
     for row in failed:
-        lines += [f"- **{row['label']}** (`{row['job']}`):", "", "  ```", f"  {row['error']}", "  ```", ""]
+        error = textwrap.indent(row["error"], "  ")
+        lines += [f"- **{row['label']}** in `{row['job']}`:", "", "  ```", error, "  ```", ""]
     if not failed:
         lines.append("None.")
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _short(error: str | None, width: int = 60) -> str:
-    first = (error or "").strip().splitlines()[0] if error and error.strip() else "unknown error"
+    lines = (error or "").strip().splitlines()
+    first = lines[0] if lines else "unknown error"
     return first if len(first) <= width else first[: width - 1] + "…"
 
 
@@ -236,7 +251,7 @@ def results_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     labels = [r["label"] for r in rows]
     max_time = max((r["train_time_s"] or 0 for r in rows), default=0) or 1.0
     panels = (
-        (acc_ax, "val_acc", 1.0, "tab:blue", _fmt_score, "val accuracy (best epoch)"),
+        (acc_ax, "val_acc", 1.0, "tab:blue", _fmt_score, "val accuracy"),
         (time_ax, "train_time_s", max_time, "tab:orange", _fmt_time, "training time"),
     )
     for ax, key, full, color, fmt, title in panels:
@@ -280,7 +295,7 @@ def curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def resolve_sweep_dir(arg: str) -> Path:
+def _resolve_sweep_dir(arg: str) -> Path:
     """The folder named on the command line; `latest` is the newest sweep under outputs/train/multiruns."""
     if arg == "latest" and not Path(arg).exists():
         sweeps = sorted(d for d in MULTIRUNS_DIR.glob("*") if d.is_dir()) if MULTIRUNS_DIR.is_dir() else []
@@ -293,33 +308,41 @@ def resolve_sweep_dir(arg: str) -> Path:
     return path
 
 
-def print_rows(rows: Sequence[dict[str, Any]]) -> None:
+def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
     """The report table in the terminal, failed jobs in red."""
     columns = _table_columns(rows)
-    table = Table(title="sweep report")
+    table = Table(title="sweep report", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     for column in columns:
-        table.add_column(column, justify="left" if column in ("job", "case", "backbone", "init") else "right")
+        text = column in TEXT_COLUMNS
+        # Two-line headers and folded text keep the table whole in an 80-column terminal.
+        header = column.replace(" ", "\n")
+        table.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for row in rows:
-        table.add_row(*_table_cells(row, columns), style=None if row["status"] == "ok" else "red")
+        cells = _table_cells(row, columns)
+        cells[columns.index("status")] = row["status"]  # the errors follow the table, in full
+        table.add_row(*cells, style=None if row["status"] == "ok" else "red")
     console.print(table)
     for row in rows:
         if row["status"] != "ok":
-            console.print(f"failed: {row['job']}: {row['error']}", style="red", highlight=False)
+            console.print(
+                f"failed: {row['job']}: {row['error']}", style="red", highlight=False, soft_wrap=True
+            )
 
 
 @friendly_errors
 def main(argv: Sequence[str] | None = None) -> None:
+    """Exit status 2 when there is nothing to report; 0 otherwise, failed jobs included."""
     parser = argparse.ArgumentParser(prog="transfer-report", description=__doc__)
     parser.add_argument("sweep_dir", help="a `transfer-train -m` sweep folder, or `latest`")
     parser.add_argument("--out", type=Path, help="folder for the report files (default: the sweep folder)")
     args = parser.parse_args(argv)
-    sweep = resolve_sweep_dir(args.sweep_dir)
+    sweep = _resolve_sweep_dir(args.sweep_dir)
     rows = collect_runs(sweep)
     if not rows:
         raise DataError(f"no runs in {sweep}: expected job folders with .hydra/ (from `transfer-train -m`)")
-    print_rows(rows)
+    _print_rows(rows)
     for path in write_report(rows, args.out or sweep).values():
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)  # whole paths, for copy and paste
 
 
 if __name__ == "__main__":
