@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
+DEST ?=
 
-.PHONY: help install train test test-all lint format weights embed-data gpu-check matrix clean
+.PHONY: help install train test test-all lint format weights embed-data gpu-check matrix new clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +50,10 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
 	$(BIN)/python -m transfer_cases.tools.gpu_check $(ARGS)
+
+new: $(STAMP)  ## a new project for a new task from this repository (DEST=../my-task)
+	@test -n "$(DEST)" || { echo "usage: make new DEST=../my-task"; exit 2; }
+	$(BIN)/copier copy --trust --vcs-ref HEAD . "$(DEST)"
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -34,11 +34,18 @@ TEXT_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".md", ".txt", ".cfg", ".ini",
 SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", "outputs", "multirun", "logs", "build", "dist"}
 SKIP_DIRS |= {".pytest_cache", ".ruff_cache", ".mypy_cache", ".ipynb_checkpoints", "node_modules"}
 # Files that only make sense in the template; `{package}` is the package's (new) name.
-TEMPLATE_ONLY = ("copier.yml", "copier.yaml", "tests/test_new_project.py", "src/{package}/tools/new_project.py")
-NEW_TASK_HEADING = re.compile(r"^## Start a new (task|project)\b.*?(?=^## |\Z)", re.M | re.S)
+TEMPLATE_ONLY = (
+    "copier.yml",
+    "copier.yaml",
+    "tests/test_new_project.py",
+    "src/{package}/tools/new_project.py",
+)
+NEW_TASK_SECTION = re.compile(r"^## Start a new (task|project)\b.*?(?=^## |\Z)", re.M | re.S)
 # The Makefile's `new` rule (its recipe lines start with a tab) and the variable only it uses.
 MAKE_NEW_RULE = re.compile(r"^new:.*\n(?:\t.*\n)*\n?", re.M)
 MAKE_DEST_VAR = re.compile(r"^DEST\s*\?=.*\n", re.M)
+# What follows a name in a persisted format tag (`transfer_cases.weights/1`), as opposed to a module path.
+FORMAT_TAG_TAIL = r"\.[\w.]*/\d"
 # A YAML scalar that needs no quotes: a path without spaces, `#`, quotes or a leading indicator.
 PLAIN_YAML = re.compile(r"[\w./~$][\w./~${}:@+=,-]*")
 
@@ -118,9 +125,13 @@ def text_files(root: Path) -> Iterator[Path]:
 
 
 def replace_identifiers(root: Path, mapping: dict[str, str]) -> list[Path]:
-    """Rewrite every text file in one regex pass, so a new name containing an old one is never replaced twice."""
+    """Rewrite text files in one regex pass: a new name that contains an old one is not replaced twice.
+
+    Format tags such as `transfer_cases.weights/1` stay: shipped binary files (the embedded weights)
+    carry them, and the loader must keep recognising those files.
+    """
     alternatives = "|".join(re.escape(old) for old in sorted(mapping, key=len, reverse=True))
-    pattern = re.compile(rf"(?<![A-Za-z0-9_])(?:{alternatives})(?![A-Za-z0-9_])")
+    pattern = re.compile(rf"(?<![A-Za-z0-9_])(?:{alternatives})(?![A-Za-z0-9_])(?!{FORMAT_TAG_TAIL})")
     changed = []
     for path in text_files(root):
         text = path.read_text(encoding="utf-8")
@@ -142,8 +153,8 @@ def rename_package(root: Path, package: str) -> None:
 
 
 def yaml_scalar(value: str) -> str:
-    """A YAML string: plain when it is a simple path, single-quoted otherwise."""
-    if PLAIN_YAML.fullmatch(value):
+    """A YAML string: plain for a simple path with a `/` (never read as null, bool or number), else quoted."""
+    if "/" in value and PLAIN_YAML.fullmatch(value):
         return value
     return "'" + value.replace("'", "''") + "'"
 
@@ -172,11 +183,11 @@ def set_defaults(root: Path, answers: Answers) -> None:
 
 
 def rewrite_readme(root: Path, answers: Answers) -> None:
-    """Title and intro paragraph name the new project and its defaults; the template-only section goes."""
+    """The title and the paragraph under it name the new project and its default job."""
     path = root / "README.md"
     if not path.is_file():
         return
-    text = NEW_TASK_HEADING.sub("", path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
     data = (
         f"`{answers.data_path}` (`data=imagefolder`)"
         if answers.data_path
@@ -195,9 +206,12 @@ def rewrite_readme(root: Path, answers: Answers) -> None:
 
 
 def remove_template_machinery(root: Path, package: str) -> None:
-    """Drop what only creates new projects: copier.yml, this script, its test and `make new`."""
+    """Drop what only creates new projects: copier.yml, this script, its test, `make new`, its README part."""
     for rel in TEMPLATE_ONLY:
         (root / rel.format(package=package)).unlink(missing_ok=True)
+    readme = root / "README.md"
+    if readme.is_file():
+        readme.write_text(NEW_TASK_SECTION.sub("", readme.read_text(encoding="utf-8")), encoding="utf-8")
     makefile = root / "Makefile"
     if makefile.is_file():
         text = MAKE_DEST_VAR.sub("", MAKE_NEW_RULE.sub("", makefile.read_text(encoding="utf-8")))
@@ -222,7 +236,9 @@ def rename_project(root: Path, answers: Answers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--project-name", required=True, help="distribution name and console-script prefix")
     parser.add_argument("--package-name", required=True, help="Python import name")
     parser.add_argument("--data-path", default="", help="image folder for data=imagefolder (empty: embedded)")
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"new_project: {err}", file=sys.stderr)
         return 1
-    print(f"{answers.project_name}: package src/{answers.package_name}, scripts {answers.project_name}-train ...")
+    print(f"created {answers.project_name}: src/{answers.package_name}, {answers.project_name}-train, ...")
     return 0
 
 
