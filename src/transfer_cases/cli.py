@@ -91,5 +91,5 @@ def print_metrics(result: dict[str, Any]) -> None:
         table.add_row(name, f"{value:.4f}")
     console.print(table)
     if result.get("best_checkpoint"):
-        console.print(f"best checkpoint: {result['best_checkpoint']}")
-    console.print(f"run directory:   {result['output_dir']}")
+        console.print(f"best checkpoint: {result['best_checkpoint']}", soft_wrap=True)
+    console.print(f"run directory:   {result['output_dir']}", soft_wrap=True)
