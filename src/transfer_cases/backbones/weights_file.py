@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-FORMAT = "transfer_cases.weights/1"
+# Independent of the package name, so a project renamed from this template still reads the file.
+FORMAT = "staged-body-weights/1"
 
 
 @dataclass

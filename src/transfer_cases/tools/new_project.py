@@ -44,8 +44,6 @@ NEW_TASK_SECTION = re.compile(r"^## Start a new (task|project)\b.*?(?=^## |\Z)",
 # The Makefile's `new` rule (its recipe lines start with a tab) and the variable only it uses.
 MAKE_NEW_RULE = re.compile(r"^new:.*\n(?:\t.*\n)*\n?", re.M)
 MAKE_DEST_VAR = re.compile(r"^DEST\s*\?=.*\n", re.M)
-# What follows a name in a persisted format tag (`transfer_cases.weights/1`), as opposed to a module path.
-FORMAT_TAG_TAIL = r"\.[\w.]*/\d"
 # A YAML scalar that needs no quotes: a path without spaces, `#`, quotes or a leading indicator.
 PLAIN_YAML = re.compile(r"[\w./~$][\w./~${}:@+=,-]*")
 
@@ -125,13 +123,9 @@ def text_files(root: Path) -> Iterator[Path]:
 
 
 def replace_identifiers(root: Path, mapping: dict[str, str]) -> list[Path]:
-    """Rewrite text files in one regex pass: a new name that contains an old one is not replaced twice.
-
-    Format tags such as `transfer_cases.weights/1` stay: shipped binary files (the embedded weights)
-    carry them, and the loader must keep recognising those files.
-    """
+    """Rewrite text files in one regex pass: a new name that contains an old one is not replaced twice."""
     alternatives = "|".join(re.escape(old) for old in sorted(mapping, key=len, reverse=True))
-    pattern = re.compile(rf"(?<![A-Za-z0-9_])(?:{alternatives})(?![A-Za-z0-9_])(?!{FORMAT_TAG_TAIL})")
+    pattern = re.compile(rf"(?<![A-Za-z0-9_])(?:{alternatives})(?![A-Za-z0-9_])")
     changed = []
     for path in text_files(root):
         text = path.read_text(encoding="utf-8")
