@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import pickle
 import warnings
 import zipfile
@@ -25,8 +26,10 @@ from transfer_cases.errors import ConfigError, DataError
 from transfer_cases.paths import asset_path
 from transfer_cases.preprocess import Preprocess
 
-MNIST_DIR = Path("/work/shared/data/mnist")
-CIFAR_ZIP = Path("/work/shared/data/cifar10_jpg/cifar10_jpg.zip")
+# The shared data sits next to the repository (../shared/data), wherever it is checked out.
+SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
+MNIST_DIR = SHARED_DATA / "mnist"
+CIFAR_ZIP = SHARED_DATA / "cifar10_jpg" / "cifar10_jpg.zip"
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "eel": (30, 30, 200)}
 SMALL = {"image_size": 8, "random_crop_scale": None, "augment": []}  # tiny and deterministic
 
@@ -150,10 +153,13 @@ def test_val_fraction_is_honoured(one_folder: Path) -> None:
     assert (len(dm.train_dataset), len(dm.val_dataset)) == (15, 15)
 
 
-def test_val_fraction_with_a_val_folder_is_refused(three_splits: Path) -> None:
-    dm = ImageFolderDataModule(three_splits, val_fraction=0.3)
-    with pytest.raises(ConfigError, match="val_fraction"):
-        dm.setup()
+def test_a_val_folder_wins_over_val_fraction(three_splits: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="transfer_cases.data"):
+        dm = ImageFolderDataModule(three_splits, val_fraction=0.3)
+    assert f"using {three_splits / 'val'} as the val split; data.val_fraction=0.3 is not used" in caplog.text
+    dm.setup()
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (12, 5)
+    assert paths_of(dm.val_dataset) == set((three_splits / "val").rglob("*.jpg"))
 
 
 def test_samples_per_class_exact_reproducible_nested(one_folder: Path) -> None:
@@ -240,13 +246,18 @@ def test_random_crop_and_augment_settings(three_splits: Path) -> None:
         ImageFolderDataModule(three_splits, random_crop_scale=(0.8, 0.2))
 
 
-def test_hidden_and_non_image_files_are_ignored(three_splits: Path) -> None:
+def test_hidden_and_non_image_files_are_ignored(three_splits: Path, caplog: pytest.LogCaptureFixture) -> None:
     (three_splits / "train" / "cat" / "notes.txt").write_text("x")
+    (three_splits / "train" / "eel" / "labels.csv").write_text("x")
+    (three_splits / "train" / "eel" / ".DS_Store").write_text("x")
     save_image(three_splits / "train" / "cat" / ".ipynb_checkpoints" / "copy.png")
     save_image(three_splits / "train" / ".hidden" / "x.png")
-    dm = ImageFolderDataModule(three_splits)
+    with caplog.at_level(logging.INFO, logger="transfer_cases.data"):
+        dm = ImageFolderDataModule(three_splits)
     assert dm.classes == ["cat", "dog", "eel"]
     assert len(dm._load_splits().train) == 12
+    said = [r.getMessage() for r in caplog.records if "non-image" in r.getMessage()]
+    assert said == [f"skipped 2 non-image file(s) under {three_splits / 'train'} (e.g. cat/notes.txt)"]
 
 
 # --- ImageFolder: errors ----------------------------------------------------------------------------
@@ -277,14 +288,30 @@ def test_val_class_missing_from_train_is_named(three_splits: Path) -> None:
         ImageFolderDataModule(three_splits)
 
 
-def test_val_lacking_a_class_warns_but_keeps_labels(three_splits: Path) -> None:
+def test_val_lacking_a_class_is_logged_and_keeps_labels(
+    three_splits: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for path in (three_splits / "val" / "dog").iterdir():
         path.unlink()
     (three_splits / "val" / "dog").rmdir()
-    with pytest.warns(UserWarning, match=r"val split .* no images of class\(es\) dog"):
-        dm = ImageFolderDataModule(three_splits)
-    dm.setup()
+    dm = ImageFolderDataModule(three_splits)
+    with caplog.at_level(logging.INFO, logger="transfer_cases.data"):
+        dm.setup()
+        dm.setup("validate")  # said once, not at every setup call
     assert sorted(dm.val_dataset.labels.tolist()) == [0, 0, 2]  # eel keeps label 2
+    said = [r for r in caplog.records if "no images of class" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert said[0].getMessage().startswith("the val split has no images of class dog;")
+
+
+def test_a_class_too_small_to_give_val_an_image_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_split(tmp_path, {"cat": 6, "dog": 1})  # one dog image: it must stay in train
+    dm = ImageFolderDataModule(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="transfer_cases.data"):
+        dm.setup()
+    assert "the val split has no images of class dog;" in caplog.text
 
 
 def test_split_folders_without_train(tmp_path: Path) -> None:
@@ -390,7 +417,7 @@ def test_mnist_bad_idx_file_is_named(tiny_mnist: Path) -> None:
         dm.setup()
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="shared MNIST copy not present")
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST copy not found at {MNIST_DIR}")
 def test_real_mnist() -> None:
     dm = MNISTDataModule(MNIST_DIR, image_size=32, batch_size=4)
     dm.setup()
@@ -457,7 +484,7 @@ def test_cifar_missing_root(tmp_path: Path) -> None:
         CIFAR10DataModule(tmp_path)
 
 
-@pytest.mark.skipif(not CIFAR_ZIP.is_file(), reason="shared CIFAR-10 zip not present")
+@pytest.mark.skipif(not CIFAR_ZIP.is_file(), reason=f"shared CIFAR-10 zip not found at {CIFAR_ZIP}")
 def test_real_cifar_zip() -> None:
     dm = CIFAR10DataModule(CIFAR_ZIP, image_size=32, batch_size=4)
     assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.num_classes == 10

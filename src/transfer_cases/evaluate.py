@@ -29,7 +29,7 @@ from torchmetrics.functional.classification import (
 from transfer_cases.checkpoint import load_module
 from transfer_cases.cli import friendly_errors
 from transfer_cases.config import instantiate_clean, register_resolvers
-from transfer_cases.data.base import ClassificationDataModule, SubsetDataset
+from transfer_cases.data import ClassificationDataModule, SubsetDataset
 from transfer_cases.errors import ConfigError, DataError
 from transfer_cases.paths import config_dir
 

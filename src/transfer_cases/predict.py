@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from transfer_cases.checkpoint import load_module
 from transfer_cases.cli import friendly_errors
-from transfer_cases.data.base import open_image
 from transfer_cases.data.imagefolder import is_image_file
+from transfer_cases.data.sources import open_image
 from transfer_cases.data.transforms import eval_transform
 from transfer_cases.errors import DataError
 

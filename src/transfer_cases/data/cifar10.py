@@ -10,14 +10,10 @@ from typing import Any
 
 from PIL import Image
 
-from transfer_cases.data.base import (
-    ClassificationDataModule,
-    ImageSource,
-    build_sources,
-    open_image,
-    verify_image,
-)
-from transfer_cases.data.imagefolder import IMAGE_EXTENSIONS, folder_sources
+from transfer_cases.data.datamodule import ClassificationDataModule
+from transfer_cases.data.imagefolder import IMAGE_EXTENSIONS, folder_splits
+from transfer_cases.data.sources import ImageSource, digest, file_stamp, open_image, verify_image
+from transfer_cases.data.splits import Splits, build_splits
 from transfer_cases.errors import DataError
 
 ZIP_NAME = "cifar10_jpg.zip"
@@ -57,11 +53,12 @@ class ZipSource(ImageSource):
     def load(self, index: int) -> Image.Image:
         return open_image(*self._read(index))
 
-    def problem(self, index: int) -> str | None:
-        try:
-            return verify_image(*self._read(index))
-        except DataError as err:
-            return str(err)
+    def inspect(self, index: int) -> tuple[int, int]:
+        return verify_image(*self._read(index))
+
+    def fingerprint(self) -> str:
+        # The zip's identity (a replaced or touched zip changes it) and which members this split reads.
+        return digest(type(self).__name__, file_stamp(self.zip_path), self.members, self.labels)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_zip": None, "_pid": None}
@@ -90,20 +87,20 @@ def zip_listings(zip_path: Path) -> tuple[dict[str, dict[str, list[str]]], str]:
     return listings, prefix
 
 
-def cifar_sources(root: Path) -> tuple[list[str], dict[str, ImageSource]]:
+def cifar_splits(root: Path) -> tuple[list[str], Splits]:
     """Classes and sources from a zip, a folder holding the zip, or an extracted folder."""
     if not root.exists():
         raise DataError(f"CIFAR-10 data not found: {root}; {_HINT}")
     if root.is_dir():
         for base in (root, root / "cifar10_jpg"):
             if (base / "train").is_dir():
-                return folder_sources({s: base / s for s in SPLITS if (base / s).is_dir()})
+                return folder_splits({s: base / s for s in SPLITS if (base / s).is_dir()})
         if not (root / ZIP_NAME).is_file():
             raise DataError(f"{root} holds neither train/ and test/ folders nor {ZIP_NAME}; {_HINT}")
         root = root / ZIP_NAME
     listings, prefix = zip_listings(root)
     where = {split: f"{root}:{prefix}{split}" for split in SPLITS}
-    return build_sources(listings, where, lambda members, labels: ZipSource(root, members, labels))
+    return build_splits(listings, where, lambda members, labels: ZipSource(root, members, labels))
 
 
 class CIFAR10DataModule(ClassificationDataModule):
@@ -115,7 +112,10 @@ class CIFAR10DataModule(ClassificationDataModule):
     def __init__(self, root: str | Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = Path(root).expanduser()
-        self.classes, self._sources = cifar_sources(self.root)
+        self.classes, self._splits = cifar_splits(self.root)
+
+    def _load_splits(self) -> Splits:
+        return self._splits
 
     def _no_test_split_message(self) -> str:
         return f"there is no test split in {self.root}; it needs test/<class>/ images next to train/"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from transfer_cases.data.base import ClassificationDataModule, ImageSource, Splits
+from transfer_cases.data.datamodule import ClassificationDataModule
+from transfer_cases.data.sources import ImageSource, digest, file_stamp
+from transfer_cases.data.splits import Splits
 from transfer_cases.errors import DataError
 
 IDX_FILES = {
@@ -21,14 +24,26 @@ IDX_FILES = {
 
 
 class ArraySource(ImageSource):
-    """Grayscale images held in a uint8 array (N, H, W); converted to RGB on access."""
+    """Grayscale images held in a uint8 array (N, H, W); converted to RGB on access.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+    `files` are those the arrays were read from: the fingerprint stats them instead of hashing
+    the pixels (without files, the arrays themselves are hashed).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, files: Sequence[Path] = ()) -> None:
         super().__init__(labels)
         self.images = images
+        self.files = list(files)
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index]).convert("RGB")
+
+    def inspect(self, index: int) -> tuple[int, int]:
+        return self.images.shape[2], self.images.shape[1]
+
+    def fingerprint(self) -> str:
+        content = [file_stamp(f) for f in self.files] if self.files else self.images
+        return digest(type(self).__name__, content, self.images.shape, self.labels)
 
 
 def find_idx_files(root: Path) -> dict[str, Path]:
@@ -77,7 +92,7 @@ def _array_source(images_path: Path, labels_path: Path) -> ArraySource:
             f"{images_path} ({images.shape}) and {labels_path} ({labels.shape}) do not make a set of images "
             "with labels 0-9; replace them with the original MNIST files"
         )
-    return ArraySource(images, labels)
+    return ArraySource(images, labels, files=(images_path, labels_path))
 
 
 class MNISTDataModule(ClassificationDataModule):
