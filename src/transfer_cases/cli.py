@@ -32,10 +32,23 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TransferCasesError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
+            print(f"\nerror: {user_message(e)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def user_message(error: BaseException) -> str:
+    """The error's message. A DataLoader worker re-raises an error with the worker's whole traceback
+    as its text ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): the
+    original message is what follows the error's qualified name on the traceback's last entry."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        name = f"{type(error).__module__}.{type(error).__qualname__}: "
+        at = text.rfind(name)
+        if at != -1:
+            return text[at + len(name) :].strip()
+    return text
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:

@@ -1,7 +1,8 @@
 """Image transforms built from a `Preprocess`, shared by training, evaluation and `transfer-predict`.
 
-Both pipelines start with an RGB conversion so that grayscale, RGBA and palette images all reach
-the network as 3 channels, and end with a plain float tensor normalised the way the weights expect.
+Both pipelines start with an RGB conversion so that grayscale (8- and 16-bit), RGBA and palette
+images all reach the network as 3 channels of 8 bits, and end with a plain float tensor normalised
+the way the weights expect.
 """
 
 from __future__ import annotations
@@ -9,21 +10,52 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from transfer_cases.errors import ConfigError
+from transfer_cases.errors import ConfigError, DataError
 from transfer_cases.preprocess import Preprocess
+
+# 16-bit grayscale (PNG, TIFF, PGM): PIL's own conversion to 8 bit clips at 255, turning a
+# 16-bit photo white; 0..65535 is scaled to 0..255 instead. PIL opens some 16-bit files as "I".
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """A 3-channel copy of `img`; palette images with transparency go through RGBA to keep their colours."""
+    """A 3-channel 8-bit copy of `img`. Palette images with transparency go through RGBA to keep their
+    colours; 16-bit grayscale is scaled to 8 bit, float grayscale is read as 0..1. Raises `DataError`
+    (without a file name: the caller adds it) for pixels it cannot interpret."""
     if img.mode == "RGB":
         return img
+    if img.mode in _SIXTEEN_BIT or img.mode == "F":
+        return _gray_to_8bit(img).convert("RGB")
     if img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as err:
+        raise DataError(f"image mode {img.mode} cannot be converted to RGB ({err}); save it as RGB") from err
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    pixels = np.asarray(img)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if img.mode == "F":
+        if not (np.isfinite(pixels).all() and low >= 0 and high <= 1):
+            raise DataError(
+                f"float pixels must lie in 0..1, these span {low:g}..{high:g}; save it as 8- or 16-bit"
+            )
+        scaled = pixels * 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise DataError(
+                f"{img.mode} pixels span {low:g}..{high:g}, outside 16 bit (0..65535); "
+                "save it as an 8- or 16-bit image"
+            )
+        scaled = pixels.astype(np.float64) / 257.0
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 2-D uint8: mode L
 
 
 class ToRGB:
