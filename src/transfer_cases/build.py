@@ -10,10 +10,14 @@ from transfer_cases.module import TransferModule
 
 
 def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
-    """Instantiate the data module and the model of a composed `train.yaml` config.
+    """Instantiate the data module and the model of a composed `train.yaml` config, in this order:
 
-    The data decides the number of classes and their names; the backbone's weights decide the
-    preprocessing, which is handed back to the data module so images are fed as the weights expect.
+    1. data first: it knows the classes (scanned in the data module's `__init__`, no image decoded);
+    2. model second: its head is sized from the number of classes, and their names are stored in the
+       checkpoint for prediction;
+    3. the weights' preprocessing back into the data: only the chosen weights know the resize, crop
+       and normalisation they were trained with, and images must be fed the same way.
+    The Trainer calls the data module's `setup` later, so no transform is built with a stale size.
 
     Example:
         >>> from hydra import compose, initialize_config_dir
@@ -23,7 +27,9 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
         >>> module, datamodule = build(cfg)  # doctest: +SKIP
     """
     register_resolvers()
+    # 1. data: the classes
     datamodule: ClassificationDataModule = instantiate_clean(cfg.data)
+    # 2. model: sized from the data
     module: TransferModule = instantiate_clean(
         cfg.model,
         backbone=to_dict(cfg.backbone),
@@ -32,5 +38,6 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
         class_names=list(datamodule.classes),
         _recursive_=False,
     )
+    # 3. the weights' preprocessing, pushed back into the data
     datamodule.preprocess = module.preprocess
     return module, datamodule
