@@ -168,11 +168,21 @@ def test_a_cut_checkpoint_cannot_initialise_a_fuller_body(tmp_path: Path) -> Non
     assert shorter.backbone.depth == 1
 
 
-def test_a_full_body_checkpoint_without_its_neck_is_refused(tmp_path: Path) -> None:
-    """A checkpoint from before the neck was kept: all stages, no `neck.*` keys."""
+def test_the_neck_is_expected_from_a_full_body_checkpoint_only(tmp_path: Path) -> None:
     body = TorchvisionBackbone("mobilenet_v3_small", weights=None).build(pretrained=False)
-    state = {f"backbone.{k}": v for k, v in body.state_dict().items() if not k.startswith("neck.")}
-    torch.save({"state_dict": state}, tmp_path / "old.ckpt")
+    mnv3 = {"_target_": "transfer_cases.backbones.TorchvisionBackbone", "arch": "mobilenet_v3_small"}
+    # A checkpoint of a cut body has no neck, and initialises the same cut.
+    cut = {f"backbone.{k}": v for k, v in body.cut(-1).state_dict().items()}
+    torch.save({"state_dict": cut}, tmp_path / "cut.ckpt")
+    module = TransferModule(
+        backbone={**mnv3, "weights": str(tmp_path / "cut.ckpt")},
+        case=case_config("small_different"),
+        num_classes=2,
+    )
+    assert all(torch.equal(module.backbone.state_dict()[k[9:]], v) for k, v in cut.items())
+    # One from before the neck was kept (all stages, no `neck.*`) would leave the neck random.
+    old = {f"backbone.{k}": v for k, v in body.state_dict().items() if not k.startswith("neck.")}
+    torch.save({"state_dict": old}, tmp_path / "old.ckpt")
     with pytest.raises(
         WeightsError, match=r"old\.ckpt does not fit mobilenet_v3_small: .*missing \['neck\.0"
     ):

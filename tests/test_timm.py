@@ -159,6 +159,10 @@ def test_a_checkpoint_of_a_timm_run_initialises_a_task_with_other_classes(
     trainer = L.Trainer(logger=False, max_epochs=0, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(three)
     trainer.save_checkpoint(tmp_path / "three.ckpt")
+    loaded = TransferModule.load_from_checkpoint(tmp_path / "three.ckpt", weights_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    three.eval(), loaded.eval()
+    assert torch.equal(loaded(x), three(x))
     two = TransferModule(
         backbone=timm_cfg("resnet10t", str(tmp_path / "three.ckpt")),
         case=case_config("small_similar"),
@@ -215,6 +219,37 @@ def test_random_init_and_scratch_need_no_weights() -> None:
 def test_unsupported_or_unknown_timm_models_are_refused_by_name(name: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=rf"{reason}"):
         TimmBackbone(name, weights=None).build(pretrained=False)
+
+
+class _NotAChain(nn.Module):
+    """timm-shaped, but `forward_features` computes between or after its modules."""
+
+    def __init__(self, scale_between: bool) -> None:
+        super().__init__()
+        self.scale_between = scale_between
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.feature_info = [
+            {"num_chs": 8, "reduction": 2, "module": "stem"},
+            {"num_chs": 16, "reduction": 4, "module": "stage"},
+        ]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_between:
+            return self.stage(self.stem(x) * 2)
+        return self.stage(self.stem(x)) * 2
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize(
+    ("scale_between", "reason"),
+    [(True, "stage 1 does not reproduce timm's feature map"), (False, "the full body does not reproduce")],
+)
+def test_a_model_that_is_not_a_chain_of_its_modules_is_refused(scale_between: bool, reason: str) -> None:
+    with pytest.raises(ConfigError, match=rf"timm model 'fake' is not supported as a staged body: {reason}"):
+        staged_body(_NotAChain(scale_between), "timm/fake")
 
 
 def test_without_timm_the_backbone_asks_for_the_extra(

@@ -104,7 +104,10 @@ class StagedBody(nn.Module):
         """
         own = self.state_dict()
         held = len({int(k.split(".")[1]) for k in state if k.startswith("stages.")})
-        covered = [k for k in own if _stage_index(k) < held or (held == self.depth and _stage_index(k) < 0)]
+        # The pool's and neck's keys belong to the full body: expected only with all of its stages.
+        covered = [
+            k for k in own if 0 <= _stage_index(k) < held or (_stage_index(k) < 0 and held == self.depth)
+        ]
         unexpected = [k for k in state if k not in own]
         wrong = [
             f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
