@@ -1,8 +1,8 @@
 """timm models as staged bodies: stages from timm's `feature_info`, checked against timm itself.
 
-The model's children (a first-level `nn.Sequential` opened where a `feature_info` module lies in it) are
-grouped, in the order `forward_features` runs them, into stages that end at each `feature_info`
-module. What runs after the last stage in `forward_features` (EfficientNet's `conv_head`,
+The model's children (a top-level `nn.Sequential` opened where a `feature_info` module lies in
+it) are grouped, in the order `forward_features` runs them, into stages that end at each
+`feature_info` module. What runs after the last stage in `forward_features` (EfficientNet's `conv_head`,
 ConvNeXt's `norm_pre`) and `forward_head(x, pre_logits=True)` form the full body's pooling. At
 build, one small input checks that every stage reproduces timm's own feature map and the full body
 timm's pre-logits features; a model for which that fails is refused by name, never half-supported.
