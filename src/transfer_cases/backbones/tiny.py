@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from transfer_cases.backbones.check import check_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.backbones.weights import load_weights_path
 from transfer_cases.preprocess import Preprocess
@@ -43,8 +44,10 @@ class TinyCNN:
         )
         body_state = None
         if pretrained and self.weights:
-            preprocess, body_state = load_weights_path(model, "tiny_cnn", self.weights)
-        body = StagedBody.from_blocks(list(model.features), preprocess=preprocess, name="tiny_cnn")
+            preprocess, body_state = load_weights_path(model, "tiny_cnn", self.weights, default=preprocess)
+        strides = [2 ** (i + 1) for i in range(len(self.widths))]  # every stage halves the resolution
+        body = StagedBody(list(model.features), self.widths, strides, preprocess=preprocess, name="tiny_cnn")
+        check_stages(body)
         if body_state is not None:
             body.load_body_state(body_state, str(self.weights))
         return body

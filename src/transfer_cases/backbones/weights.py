@@ -1,7 +1,8 @@
 """Resolve a `weights` setting into a state dict and the preprocessing that goes with it.
 
 `weights` is a torchvision weights name (`IMAGENET1K_V1`, `DEFAULT`), a path to a local file
-(our weights format, a torchvision `.pth`, or a plain state dict), or None for random init.
+(our weights format, a checkpoint of this project, a torchvision or timm `.pth`/`.safetensors`
+state dict), or None for random init.
 Offline machines get one message that names the weights and how to supply a local file.
 """
 
@@ -18,12 +19,14 @@ from transfer_cases.backbones.weights_file import load_weights_file
 from transfer_cases.errors import ConfigError, WeightsError
 from transfer_cases.preprocess import Preprocess
 
-# Keys of the original classifier: a weights file may lack them (backbone-only export).
+# Keys of the original classifier: a weights file may lack them (backbone-only export), and they are
+# dropped when the model has none (a timm model whose classifier was removed).
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.")
+WEIGHTS_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors"}
 
 
 def is_weights_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or Path(weights).suffix in {".pt", ".pth", ".ckpt", ".bin"}
+    return "/" in weights or "\\" in weights or Path(weights).suffix in WEIGHTS_SUFFIXES
 
 
 def load_torchvision_weights(model: nn.Module, arch: str, name: str) -> Preprocess:
@@ -61,13 +64,20 @@ BODY_PREFIX = "backbone."
 
 
 def load_weights_path(
-    model: nn.Module, arch: str, path: str | Path
+    model: nn.Module,
+    arch: str,
+    path: str | Path,
+    *,
+    classifier: tuple[str, ...] = _CLASSIFIER_PREFIXES,
+    default: Preprocess | None = None,
 ) -> tuple[Preprocess, dict[str, torch.Tensor] | None]:
     """Load a local weights file into `model`, naming the file in every error.
 
     A checkpoint of this project (keys `backbone.*`, `head.*`) is not loaded into `model`: its body
     state is returned instead, for the staged body, and its head is dropped, so a checkpoint
     trained on other classes can initialise a new task without a head-shape mismatch.
+    `classifier` holds the key prefixes of the model's original classifier (see above). The
+    preprocessing is the file's where it has some, else `default` (else ImageNet's).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -80,23 +90,26 @@ def load_weights_path(
         wf = load_weights_file(path)
     except Exception as e:
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
+    preprocess = Preprocess.from_dict({**(default or Preprocess()).to_dict(), **wf.meta})
     body_state = {k[len(BODY_PREFIX) :]: v for k, v in wf.state_dict.items() if k.startswith(BODY_PREFIX)}
     if body_state:
-        return Preprocess.from_dict(wf.meta), body_state
+        return preprocess, body_state
     if wf.arch is not None and wf.arch != arch:
-        raise WeightsError(f"weights file {path} holds '{wf.arch}' weights, but backbone.arch is '{arch}'")
+        raise WeightsError(f"weights file {path} holds '{wf.arch}' weights, but the backbone is '{arch}'")
+    own = model.state_dict()
+    state = {k: v for k, v in wf.state_dict.items() if k in own or not k.startswith(classifier)}
     try:
-        missing, unexpected = model.load_state_dict(wf.state_dict, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise WeightsError(f"weights file {path} does not fit '{arch}':\n{_first_lines(str(e))}") from None
-    missing = [k for k in missing if not k.startswith(_CLASSIFIER_PREFIXES)]
+    missing = [k for k in missing if not k.startswith(classifier)]
     if missing or unexpected:
         raise WeightsError(
             f"weights file {path} does not fit '{arch}': "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
-    return Preprocess.from_dict(wf.meta), None
+    return preprocess, None
 
 
 def _first_lines(text: str, n: int = 6) -> str:

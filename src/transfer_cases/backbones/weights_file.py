@@ -3,7 +3,8 @@
 A file holds `{"format", "arch", "state_dict", "meta"}` with only tensors, strings and numbers,
 so it loads with `torch.load(weights_only=True)`. `meta` carries the preprocessing the
 weights expect (`mean`, `std`, `resize_size`, `crop_size`), `categories` and provenance.
-Plain state-dict files (for example torchvision's `.pth` downloads) load too, with empty meta.
+Plain state-dict files (torchvision's `.pth` downloads, timm's `.pth`/`.safetensors`) load too,
+with empty meta.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def load_weights_file(path: str | Path) -> WeightsFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        obj = _load_safetensors(path)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         state, arch, meta = obj["state_dict"], obj.get("arch"), dict(obj.get("meta") or {})
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -60,3 +64,14 @@ def load_weights_file(path: str | Path) -> WeightsFile:
         raise ValueError(f"{path} holds neither a state dict nor a transfer_cases weights file")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return WeightsFile(state_dict=state, arch=arch, meta=meta)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError(
+            "reading .safetensors files needs the safetensors package (it comes with timm: "
+            'pip install -e ".[timm]")'
+        ) from None
+    return load_file(path, device="cpu")
