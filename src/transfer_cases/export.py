@@ -170,7 +170,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-session = ort.InferenceSession({path!r}, providers=["CPUExecutionProvider"])
+session = ort.InferenceSession({path}, providers=["CPUExecutionProvider"])
 info = {{k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}}
 
 
@@ -185,7 +185,7 @@ import torch
 from PIL import Image
 
 extra = {{"metadata.json": ""}}
-model = torch.jit.load({path!r}, _extra_files=extra)
+model = torch.jit.load({path}, _extra_files=extra)
 info = json.loads(extra["metadata.json"])
 
 
@@ -200,7 +200,7 @@ import torch
 from PIL import Image
 
 extra = {{"metadata.json": ""}}
-model = torch.export.load({path!r}, extra_files=extra).module()
+model = torch.export.load({path}, extra_files=extra).module()
 info = json.loads(extra["metadata.json"])
 
 
@@ -227,7 +227,7 @@ def preprocess(path):
     return x.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-probs = run(preprocess({image!r}))[0]  # stack several images on axis 0 for a batch
+probs = run(preprocess({image}))[0]  # stack several images on axis 0 for a batch
 best = int(probs.argmax())
 print(info["class_names"][best], round(float(probs[best]), 4))
 """
@@ -235,7 +235,8 @@ print(info["class_names"][best], round(float(probs[best]), 4))
 
 def usage(fmt: str, path: str | Path, image: str = "image.jpg") -> str:
     """A self-contained Python snippet that loads the exported model and classifies `image`."""
-    return _LOAD[fmt].format(path=str(path)) + _PREPROCESS.format(image=image)
+    # JSON string literals are Python ones, with double quotes like the rest of the snippet.
+    return _LOAD[fmt].format(path=json.dumps(str(path))) + _PREPROCESS.format(image=json.dumps(image))
 
 
 @friendly_errors
