@@ -170,12 +170,12 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-session = ort.InferenceSession({path}, providers=["CPUExecutionProvider"])
-info = {{k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}}
+session = ort.InferenceSession(MODEL_PATH, providers=["CPUExecutionProvider"])
+info = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
 
 
 def run(x):
-    return session.run(["probabilities"], {{"image": x}})[0]
+    return session.run(["probabilities"], {"image": x})[0]
 """,
     "torchscript": """\
 import json
@@ -184,8 +184,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-extra = {{"metadata.json": ""}}
-model = torch.jit.load({path}, _extra_files=extra)
+extra = {"metadata.json": ""}
+model = torch.jit.load(MODEL_PATH, _extra_files=extra)
 info = json.loads(extra["metadata.json"])
 
 
@@ -199,8 +199,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-extra = {{"metadata.json": ""}}
-model = torch.export.load({path}, extra_files=extra).module()
+extra = {"metadata.json": ""}
+model = torch.export.load(MODEL_PATH, extra_files=extra).module()
 info = json.loads(extra["metadata.json"])
 
 
@@ -227,7 +227,7 @@ def preprocess(path):
     return x.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-probs = run(preprocess({image}))[0]  # stack several images on axis 0 for a batch
+probs = run(preprocess(IMAGE_PATH))[0]  # stack several images on axis 0 for a batch
 best = int(probs.argmax())
 print(info["class_names"][best], round(float(probs[best]), 4))
 """
@@ -235,8 +235,10 @@ print(info["class_names"][best], round(float(probs[best]), 4))
 
 def usage(fmt: str, path: str | Path, image: str = "image.jpg") -> str:
     """A self-contained Python snippet that loads the exported model and classifies `image`."""
-    # JSON string literals are Python ones, with double quotes like the rest of the snippet.
-    return _LOAD[fmt].format(path=json.dumps(str(path))) + _PREPROCESS.format(image=json.dumps(image))
+    # Placeholders rather than str.format: the snippet is full of braces. JSON string literals are
+    # Python ones, with double quotes like the rest of the snippet.
+    snippet = _LOAD[fmt] + _PREPROCESS
+    return snippet.replace("MODEL_PATH", json.dumps(str(path))).replace("IMAGE_PATH", json.dumps(image))
 
 
 @friendly_errors
