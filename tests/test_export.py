@@ -262,7 +262,7 @@ def test_unwritable_output_folder_is_a_clean_error(
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     err = run_main([str(checkpoint("tiny")), "--format", "exported", "--out", f"{blocker}/m.pt2"], capsys)
-    assert "cannot create the output folder" in err and str(blocker) in err
+    assert f"{blocker} is a file, not a folder" in err
 
 
 def test_unknown_format_is_refused_by_the_parser(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -139,6 +139,9 @@ def output_path(ckpt: Path, fmt: str, out: str | Path | None) -> Path:
 
 
 def _writable(path: Path) -> Path:
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write {path}: {existing} is a file, not a folder; {WRITABLE_FIX}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
