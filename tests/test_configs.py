@@ -24,7 +24,8 @@ from transfer_cases.errors import ConfigError
 from transfer_cases.module import TransferModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TINY_OVERRIDES = ("backbone=tiny_cnn", "data.num_workers=0")
+# The CPU even where a GPU is (the default trainer is `accelerator: auto`); ddp_cpu keeps its two processes.
+TINY_OVERRIDES = ("backbone=tiny_cnn", "data.num_workers=0", "trainer.accelerator=cpu")
 
 
 def options(group: str) -> list[str]:

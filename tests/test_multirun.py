@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_optuna_search_two_trials(tmp_path: Path, image_folder: Path) -> None:
 def test_gpu_check_code_path_on_cpu(
     tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gpu_check.main(
+    results = gpu_check.main(
         [
             "--accelerator",
             "cpu",
@@ -116,3 +117,11 @@ def test_gpu_check_code_path_on_cpu(
     )
     out = capsys.readouterr().out
     assert "small_similar" in out and "large_similar" in out and "bf16-mixed" in out
+    # ThroughputMonitor's rate (6 batches of 2: 3 warm-up batches, then the window) reaches the table.
+    assert [(r["case"], r["precision"]) for r in results] == [
+        ("small_similar", "bf16-mixed"),
+        ("large_similar", "bf16-mixed"),
+    ]
+    assert all(math.isfinite(r["img_per_s"]) and r["img_per_s"] > 0 for r in results)
+    assert all(f"{r['img_per_s']:.1f}" in out for r in results)
+    assert (tmp_path / "small_similar" / "bf16-mixed" / "metrics.csv").is_file()

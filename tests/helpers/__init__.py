@@ -1,0 +1,1 @@
+"""Test helpers: conditional marks (`RunIf`) and callbacks that report what a run did."""
