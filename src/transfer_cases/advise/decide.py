@@ -1,0 +1,231 @@
+"""From evidence to a case: size of the data, where the pretrained features are best, whether they
+beat a random network at all.
+
+The policy (every threshold is a parameter of `decide`):
+
+- **Size.** The median number of samples per class (the minimum is reported too) below
+  `small_max_per_class` is *small*, otherwise *large*. The threshold's source (measured by
+  `make matrix-real`, from the literature, or a rule of thumb) travels with the advice.
+- **Best stage.** The peak is the stage with the highest cross-validated probe accuracy (LogME breaks
+  exact ties). A stage whose accuracy is within the noise of the peak's is a tie: within
+  `tie_sems` standard errors of the difference (the two stages' standard errors over folds,
+  combined), or `tie_margin`, whichever is larger. The deepest tie wins: cutting the body only
+  pays when it measurably helps. LogME's own best stage is reported next to it as a second opinion.
+- **Similarity.** *similar* when the best stage is the last (the full body), *different* when an
+  earlier stage is better. *unrelated* when even the peak is not better than the best stage of the
+  randomly initialised control by more than `related_margin` or `related_sems` standard errors of
+  the difference, whichever is larger: the pretrained weights bring nothing a random network does not.
+- **Case.** small & similar -> `small_similar`; small & different -> `small_different` cut after the
+  best stage (`case.keep`); large & similar -> `large_similar`; large & different ->
+  `large_different` (pretrained init); large & unrelated -> `large_different` with
+  `case.init=scratch`; small & unrelated -> `large_different` (fine-tune from pretrained: frozen
+  features that do not help are the worst option) with a warning that the data may be too small
+  for any case.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from transfer_cases.advise.scores import StageScores
+from transfer_cases.errors import DataError
+
+DEFAULT_SMALL_MAX_PER_CLASS = 100
+DEFAULT_THRESHOLD_SOURCE = "rule-of-thumb default, not measured"
+DEFAULT_TIE_MARGIN = 0.01
+DEFAULT_TIE_SEMS = 1.0
+DEFAULT_RELATED_MARGIN = 0.01
+DEFAULT_RELATED_SEMS = 1.0
+
+CASES = ("small_similar", "small_different", "large_similar", "large_different")
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The recommended case and the evidence behind it; `overrides` go to `transfer-train`."""
+
+    case: str
+    overrides: tuple[str, ...]
+    init: str  # pretrained | scratch
+    keep: int | None  # stages kept (None: all)
+    freeze: str  # all | none
+    size: str  # small | large
+    similarity: str  # similar | different | unrelated
+    best_stage: int
+    depth: int
+    logme_best_stage: int
+    per_class_median: float
+    per_class_min: int
+    small_max_per_class: float
+    threshold_source: str
+    num_classes: int
+    samples_per_class: dict[str, int] = field(default_factory=dict)
+    stages: tuple[StageScores, ...] = ()
+    reasoning: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["overrides"] = list(self.overrides)
+        d["stages"] = [s.to_dict() for s in self.stages]
+        d["reasoning"] = list(self.reasoning)
+        d["warnings"] = list(self.warnings)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Advice:
+        d = dict(d)
+        d["overrides"] = tuple(d["overrides"])
+        d["stages"] = tuple(StageScores.from_dict(s) for s in d["stages"])
+        d["reasoning"] = tuple(d["reasoning"])
+        d["warnings"] = tuple(d["warnings"])
+        d["samples_per_class"] = {str(k): int(v) for k, v in d["samples_per_class"].items()}
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def decide(
+    samples_per_class: Mapping[Any, int],
+    stages: Sequence[StageScores],
+    num_classes: int | None = None,
+    *,
+    small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS,
+    threshold_source: str = DEFAULT_THRESHOLD_SOURCE,
+    tie_margin: float = DEFAULT_TIE_MARGIN,
+    tie_sems: float = DEFAULT_TIE_SEMS,
+    related_margin: float = DEFAULT_RELATED_MARGIN,
+    related_sems: float = DEFAULT_RELATED_SEMS,
+) -> Advice:
+    """The case for data with `samples_per_class` whose stages scored `stages` (see the module doc).
+
+    `num_classes` defaults to the number of entries of `samples_per_class`.
+    """
+    counts = {str(k): int(v) for k, v in samples_per_class.items()}
+    if len(counts) < 2:
+        raise DataError(f"the advisor needs at least 2 classes, found {len(counts)}: {sorted(counts)}")
+    if not stages:
+        raise ValueError("no stage scores to decide from")
+    rows = sorted(stages, key=lambda s: s.stage)
+    if len({s.stage for s in rows}) != len(rows) or rows[0].stage < 1:
+        raise ValueError(f"stage indices must be distinct and >= 1, got {[s.stage for s in rows]}")
+    num_classes = num_classes or len(counts)
+    depth = rows[-1].stage
+    reasons: list[str] = []
+    warnings: list[str] = []
+
+    # Size.
+    median = float(statistics.median(counts.values()))
+    minimum = min(counts.values())
+    size = "small" if median < small_max_per_class else "large"
+    reasons.append(
+        f"samples per class: median {median:g}, min {minimum} "
+        f"{'<' if size == 'small' else '>='} {small_max_per_class:g} -> {size} "
+        f"(threshold: {threshold_source})"
+    )
+
+    # Best stage: the deepest stage within the noise of the peak.
+    peak = max(rows, key=lambda s: (s.probe_pretrained, s.logme_pretrained))
+
+    def tied(s: StageScores) -> bool:
+        noise = tie_sems * math.hypot(peak.probe_pretrained_sem, s.probe_pretrained_sem)
+        return peak.probe_pretrained - s.probe_pretrained <= max(tie_margin, noise)
+
+    ties = [s for s in rows if tied(s)]
+    best = max(ties, key=lambda s: s.stage)
+    reasons.append(
+        f"probe accuracy peaks at stage {peak.stage}/{depth}: {_acc(peak)}; stages within noise of it "
+        f"(max of {tie_margin:g} and {tie_sems:g} standard error of the difference): "
+        f"{[s.stage for s in ties]} -> best stage {best.stage} (the deepest tie)"
+    )
+    logme_best = max(rows, key=lambda s: (s.logme_pretrained, s.stage))
+    agreement = "agrees" if logme_best.stage == best.stage else "differs"
+    reasons.append(f"LogME peaks at stage {logme_best.stage} ({agreement})")
+
+    # Similarity, with the random network as the control.
+    control = max(rows, key=lambda s: (s.probe_random, s.stage))
+    noise = related_sems * math.hypot(peak.probe_pretrained_sem, control.probe_random_sem)
+    margin = max(related_margin, noise)
+    gain = peak.probe_pretrained - control.probe_random
+    if gain <= margin:
+        similarity = "unrelated"
+        reasons.append(
+            f"pretrained peak {peak.probe_pretrained:.3f} vs the random network's best "
+            f"{control.probe_random:.3f} (stage {control.stage}): gain {gain:+.3f} <= {margin:.3f} "
+            "-> unrelated (the pretrained features help no more than random ones)"
+        )
+    else:
+        similarity = "similar" if best.stage == depth else "different"
+        where = "the full body" if best.stage == depth else f"stage {best.stage} of {depth}, before the end"
+        reasons.append(
+            f"pretrained beats the random network by {gain:+.3f} (> {margin:.3f}); best features at "
+            f"{where} -> {similarity}"
+        )
+    majority = max(counts.values()) / sum(counts.values())
+    if peak.probe_pretrained <= majority + margin:
+        warnings.append(
+            f"no stage separates the classes: best probe accuracy {peak.probe_pretrained:.3f} vs "
+            f"{majority:.3f} for always guessing the largest class; check the labels and the data"
+        )
+
+    case, init, keep = _case(size, similarity, best.stage)
+    if size == "small" and similarity == "unrelated":
+        warnings.append(
+            f"with {median:g} samples per class and pretrained features no better than random ones, "
+            "the data may be too small for any case: fine-tuning everything (large_different) is the "
+            "best bet; more data or a backbone pretrained on closer data would help more"
+        )
+    overrides = [f"case={case}"]
+    if keep is not None:
+        overrides.append(f"case.keep={keep}")
+    if init == "scratch":
+        overrides.append("case.init=scratch")
+    freeze = "all" if case.startswith("small_") else "none"
+    reasons.append(f"-> {case}: {_describe(case, init, keep, depth)}")
+    return Advice(
+        case=case,
+        overrides=tuple(overrides),
+        init=init,
+        keep=keep,
+        freeze=freeze,
+        size=size,
+        similarity=similarity,
+        best_stage=best.stage,
+        depth=depth,
+        logme_best_stage=logme_best.stage,
+        per_class_median=median,
+        per_class_min=minimum,
+        small_max_per_class=small_max_per_class,
+        threshold_source=threshold_source,
+        num_classes=num_classes,
+        samples_per_class=counts,
+        stages=tuple(rows),
+        reasoning=tuple(reasons),
+        warnings=tuple(warnings),
+    )
+
+
+def _case(size: str, similarity: str, best_stage: int) -> tuple[str, str, int | None]:
+    """(case, init, keep) for a size and similarity verdict."""
+    if similarity == "unrelated":
+        return "large_different", ("scratch" if size == "large" else "pretrained"), None
+    if size == "small" and similarity == "different":
+        return "small_different", "pretrained", best_stage
+    return f"{size}_{similarity}", "pretrained", None
+
+
+def _describe(case: str, init: str, keep: int | None, depth: int) -> str:
+    if case == "small_similar":
+        return "freeze the whole pretrained body, train a new head"
+    if case == "small_different":
+        return f"keep the first {keep} of {depth} stages, freeze them, train a new head"
+    if init == "scratch":
+        return "train the whole network from a random initialisation"
+    return "fine-tune the whole pretrained network with a new head"
+
+
+def _acc(s: StageScores) -> str:
+    return f"{s.probe_pretrained:.3f} ± {s.probe_pretrained_std:.3f}"

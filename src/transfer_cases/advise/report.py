@@ -1,0 +1,141 @@
+"""What the advisor shows: a per-stage table, a chart, the `transfer-train` command, `advice.json`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from transfer_cases.advise.decide import Advice
+
+ADVICE_JSON = "advice.json"
+ADVICE_PNG = "advice.png"
+DPI = 120
+
+
+def train_command(advice: Advice, extra_overrides: Sequence[str] = ()) -> str:
+    """The `transfer-train` command line that trains the advice: the user's overrides (data,
+    backbone, ...) first, then the advice's. A user override of `case` or of a key the advice sets
+    (`case=auto` included) is dropped, so each key appears once."""
+    taken = {"case", *(_key(o) for o in advice.overrides)}
+    kept = [o for o in extra_overrides if _key(o) not in taken]
+    return shlex.join(["transfer-train", *kept, *advice.overrides])
+
+
+def stage_table(advice: Advice) -> Table:
+    """One row per stage; the chosen stage is marked and bold."""
+    show_stride = any(s.stride is not None for s in advice.stages)
+    table = Table(
+        title=f"evidence per stage -> {advice.case}",
+        box=box.SIMPLE_HEAD,
+        caption="probe: cross-validated linear-probe accuracy (mean ± std over folds); "
+        "random: the same architecture, randomly initialised",
+    )
+    table.add_column("stage", justify="right", no_wrap=True)
+    table.add_column("width", justify="right", no_wrap=True)
+    if show_stride:
+        table.add_column("stride", justify="right", no_wrap=True)
+    for header in ("LogME\npretrained", "LogME\nrandom", "probe acc\npretrained", "probe acc\nrandom"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for s in advice.stages:
+        chosen = s.stage == advice.best_stage
+        cells = [f"{s.stage}{' ◀' if chosen else ''}", str(s.width)]
+        if show_stride:
+            cells.append("-" if s.stride is None else str(s.stride))
+        cells += [
+            f"{s.logme_pretrained:.3f}",
+            f"{s.logme_random:.3f}",
+            f"{s.probe_pretrained:.3f} ± {s.probe_pretrained_std:.3f}",
+            f"{s.probe_random:.3f} ± {s.probe_random_std:.3f}",
+        ]
+        table.add_row(*cells, style="bold" if chosen else None)
+    return table
+
+
+def stage_figure(advice: Advice) -> Figure:
+    """LogME (top) and probe accuracy (bottom) per stage, pretrained vs random, chosen stage marked."""
+    stages = [s.stage for s in advice.stages]
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    logme_ax, probe_ax = fig.subplots(2, 1, sharex=True)
+    logme_ax.plot(stages, [s.logme_pretrained for s in advice.stages], "o-", label="pretrained")
+    logme_ax.plot(stages, [s.logme_random for s in advice.stages], "s--", color="gray", label="random init")
+    logme_ax.set_ylabel("LogME")
+    for key, style, color, label in (
+        ("pretrained", "o-", "tab:blue", "pretrained"),
+        ("random", "s--", "gray", "random init"),
+    ):
+        probe_ax.errorbar(
+            stages,
+            [getattr(s, f"probe_{key}") for s in advice.stages],
+            yerr=[getattr(s, f"probe_{key}_std") for s in advice.stages],
+            fmt=style,
+            color=color,
+            capsize=3,
+            label=label,
+        )
+    total = sum(advice.samples_per_class.values())
+    if total:
+        majority = max(advice.samples_per_class.values()) / total
+        probe_ax.axhline(majority, color="tab:red", lw=0.8, ls=":", label="largest class")
+    probe_ax.set_ylabel("linear-probe accuracy")
+    probe_ax.set_xlabel("stage (width)")
+    probe_ax.set_xticks(stages, [f"{s.stage}\n({s.width})" for s in advice.stages])
+    for ax in (logme_ax, probe_ax):
+        ax.axvline(advice.best_stage, color="tab:green", lw=6, alpha=0.25)
+        ax.grid(alpha=0.3)
+    probe_ax.legend(loc="best", fontsize="small")
+    logme_ax.set_title(f"{advice.case}: best stage {advice.best_stage} of {advice.depth} (green)")
+    return fig
+
+
+def write_advice(
+    advice: Advice,
+    out_dir: str | Path,
+    *,
+    extra_overrides: Sequence[str] = (),
+    timings: Mapping[str, float] | None = None,
+) -> dict[str, Path]:
+    """Write `advice.json` (the advice, its command, the timings) and `advice.png`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / ADVICE_JSON, "chart": out / ADVICE_PNG}
+    record: dict[str, Any] = {
+        **advice.to_dict(),
+        "command": train_command(advice, extra_overrides),
+        "extra_overrides": list(extra_overrides),
+        "timings": dict(timings or {}),
+    }
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
+    stage_figure(advice).savefig(paths["chart"], dpi=DPI)
+    return paths
+
+
+def read_advice(path: str | Path) -> Advice:
+    """The `Advice` stored in an `advice.json` (or in the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADVICE_JSON
+    return Advice.from_dict(json.loads(path.read_text()))
+
+
+def print_advice(advice: Advice, extra_overrides: Sequence[str] = (), console: Console | None = None) -> None:
+    """The table, the reasoning, any warnings, and the command to run."""
+    console = console or Console()
+    console.print(stage_table(advice))
+    for line in advice.reasoning:
+        console.print(f"  {line}", soft_wrap=True, markup=False)
+    for line in advice.warnings:
+        console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True)
+    console.print("\nto train it:", style="bold")
+    console.print(f"  {train_command(advice, extra_overrides)}", soft_wrap=True, markup=False)
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]

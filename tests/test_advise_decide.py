@@ -1,0 +1,188 @@
+"""The advisor's policy: on per-stage rows, and on feature matrices whose answer is known by construction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+
+from transfer_cases.advise import StageScores, decide, score_stages
+from transfer_cases.advise.scores import stratified_subset
+from transfer_cases.errors import DataError
+
+SMALL = {c: 20 for c in ("a", "b", "c", "d")}
+LARGE = {c: 2000 for c in ("a", "b", "c", "d")}
+
+
+def rows(
+    pretrained: Iterable[float], random: Iterable[float] | None = None, std: float = 0.02
+) -> list[StageScores]:
+    pretrained = list(pretrained)
+    random = list(random) if random is not None else [0.3] * len(pretrained)
+    return [
+        StageScores(
+            stage=i + 1,
+            width=16 * 2**i,
+            logme_pretrained=p,  # LogME follows the probe here; it only breaks exact ties
+            logme_random=r,
+            probe_pretrained=p,
+            probe_pretrained_std=std,
+            probe_random=r,
+            probe_random_std=std,
+        )
+        for i, (p, r) in enumerate(zip(pretrained, random, strict=True))
+    ]
+
+
+@pytest.mark.parametrize(
+    "counts, accuracies, case, overrides, keep, freeze",
+    [
+        (SMALL, [0.5, 0.7, 0.8, 0.9], "small_similar", ["case=small_similar"], None, "all"),
+        (SMALL, [0.5, 0.9, 0.7, 0.6], "small_different", ["case=small_different", "case.keep=2"], 2, "all"),
+        (LARGE, [0.5, 0.7, 0.8, 0.9], "large_similar", ["case=large_similar"], None, "none"),
+        (LARGE, [0.5, 0.9, 0.7, 0.6], "large_different", ["case=large_different"], None, "none"),
+    ],
+)
+def test_the_four_cases(counts, accuracies, case, overrides, keep, freeze) -> None:
+    advice = decide(counts, rows(accuracies))
+    assert (advice.case, list(advice.overrides), advice.keep, advice.freeze) == (
+        case,
+        overrides,
+        keep,
+        freeze,
+    )
+    assert advice.init == "pretrained"
+    assert advice.warnings == ()
+
+
+def test_size_uses_the_median_and_reports_the_minimum_and_the_threshold_source() -> None:
+    counts = {"a": 5, "b": 150, "c": 160}
+    advice = decide(counts, rows([0.5, 0.9]), small_max_per_class=100, threshold_source="measured by test")
+    assert advice.size == "large"
+    assert (advice.per_class_median, advice.per_class_min) == (150, 5)
+    assert "measured by test" in advice.reasoning[0] and "min 5" in advice.reasoning[0]
+    assert decide(counts, rows([0.5, 0.9]), small_max_per_class=151).size == "small"
+
+
+def test_ties_within_noise_go_to_the_deeper_stage() -> None:
+    # Stage 2 peaks, stage 4 is within a point: keep the full body.
+    assert decide(SMALL, rows([0.5, 0.900, 0.7, 0.895], std=0.001)).case == "small_similar"
+    # Within one standard error of the difference (std 0.05 over 5 folds) is a tie too ...
+    assert decide(SMALL, rows([0.5, 0.90, 0.7, 0.87], std=0.05)).best_stage == 4
+    # ... but a clear gap is not.
+    advice = decide(SMALL, rows([0.5, 0.90, 0.7, 0.85], std=0.02))
+    assert (advice.best_stage, advice.keep) == (2, 2)
+
+
+def test_tie_thresholds_are_parameters() -> None:
+    accuracies = [0.5, 0.90, 0.7, 0.87]
+    assert decide(SMALL, rows(accuracies, std=0.0), tie_margin=0.05).best_stage == 4
+    assert decide(SMALL, rows(accuracies, std=0.05), tie_sems=0.5).best_stage == 2
+
+
+def test_how_clear_a_gain_over_random_must_be_is_a_parameter() -> None:
+    # Gain 0.05; standard error of the difference hypot(0.05, 0.05) / sqrt(5) = 0.032.
+    pretrained, random = [0.6, 0.85], [0.6, 0.80]
+    assert decide(SMALL, rows(pretrained, random, std=0.05)).similarity == "similar"
+    assert decide(SMALL, rows(pretrained, random, std=0.05), related_sems=2).similarity == "unrelated"
+    assert decide(SMALL, rows(pretrained, random, std=0.0), related_margin=0.06).similarity == "unrelated"
+
+
+def test_pretrained_no_better_than_random_is_unrelated() -> None:
+    pretrained, random = [0.6, 0.8, 0.7], [0.6, 0.81, 0.5]
+    large = decide(LARGE, rows(pretrained, random))
+    assert large.similarity == "unrelated"
+    assert list(large.overrides) == ["case=large_different", "case.init=scratch"]
+    assert (large.init, large.freeze) == ("scratch", "none")
+    small = decide(SMALL, rows(pretrained, random))
+    assert (small.case, list(small.overrides), small.init) == (
+        "large_different",
+        ["case=large_different"],
+        "pretrained",
+    )
+    assert any("too small for any case" in w for w in small.warnings)
+
+
+def test_the_control_is_the_random_network_at_its_own_best_stage() -> None:
+    # Pretrained peaks at stage 1 (random there: 0.5), but a random network cut at stage 2 does as well.
+    advice = decide(LARGE, rows([0.9, 0.7], [0.5, 0.9]))
+    assert advice.similarity == "unrelated"
+    assert "stage 2" in advice.reasoning[3]
+
+
+def test_features_that_separate_nothing_are_flagged() -> None:
+    advice = decide(SMALL, rows([0.26, 0.25, 0.24], [0.25, 0.26, 0.25]))
+    assert advice.similarity == "unrelated"
+    assert any("no stage separates the classes" in w for w in advice.warnings)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(DataError, match="at least 2 classes"):
+        decide({"a": 10}, rows([0.9]))
+    with pytest.raises(ValueError, match="distinct"):
+        decide(SMALL, rows([0.9]) * 2)
+
+
+# --- feature matrices whose answer is known by construction ------------------------------------------
+
+
+def stage_features(
+    labels: np.ndarray, informative: Iterable[int], depth: int = 4, width: int = 16, seed: int = 0
+) -> list[np.ndarray]:
+    """Noise at every stage, plus well-separated class means at the `informative` stages."""
+    rng = np.random.default_rng(seed)
+    onehot = np.eye(labels.max() + 1)[labels]
+    features = [rng.normal(size=(len(labels), width)) for _ in range(depth)]
+    for stage in informative:
+        features[stage - 1][:, : onehot.shape[1]] += 6.0 * onehot
+    return features
+
+
+def advise_on(per_class: int, informative: Iterable[int], random_informative: Iterable[int] = ()):
+    labels = np.repeat(np.arange(4), per_class)
+    pretrained = stage_features(labels, informative, seed=1)
+    random = stage_features(labels, random_informative, seed=2)
+    counts = {f"class{c}": per_class for c in range(4)}
+    return decide(counts, score_stages(pretrained, random, labels))
+
+
+def test_labels_separable_at_stage_2_only_cut_there() -> None:
+    advice = advise_on(20, informative=[2])
+    assert (advice.case, advice.keep, advice.freeze) == ("small_different", 2, "all")
+    assert advice.logme_best_stage == 2
+
+
+def test_labels_separable_at_the_last_stage_keep_the_body() -> None:
+    assert advise_on(20, informative=[4]).case == "small_similar"
+
+
+def test_many_samples_per_class_give_the_large_cases() -> None:
+    assert advise_on(150, informative=[4]).case == "large_similar"
+    assert advise_on(150, informative=[2]).case == "large_different"
+
+
+def test_pretrained_features_no_better_than_random_ones_recommend_fine_tuning_or_scratch() -> None:
+    small = advise_on(20, informative=[2], random_informative=[2])
+    assert (small.similarity, small.case, small.init) == ("unrelated", "large_different", "pretrained")
+    large = advise_on(150, informative=[2], random_informative=[2])
+    assert (large.case, large.init) == ("large_different", "scratch")
+
+
+def test_score_stages_fills_every_row() -> None:
+    labels = np.repeat(np.arange(3), 10)
+    pretrained = stage_features(labels, [1], depth=2, width=8)
+    random = [np.zeros_like(f) for f in pretrained]
+    scores = score_stages(pretrained, random, labels, strides=[4, 8])
+    assert [(s.stage, s.width, s.stride, s.folds) for s in scores] == [(1, 8, 4, 5), (2, 8, 8, 5)]
+    assert scores[0].probe_pretrained > scores[1].probe_pretrained
+    assert scores[0].logme_pretrained > scores[1].logme_pretrained
+    assert scores[0].probe_random == pytest.approx(1 / 3, abs=0.1)  # constant features: one class wins
+
+
+def test_stratified_subset_keeps_class_proportions() -> None:
+    labels = np.array([0] * 900 + [1] * 100)
+    subset = stratified_subset(labels, 200, seed=0)
+    assert (np.sum(labels[subset] == 0), np.sum(labels[subset] == 1)) == (180, 20)
+    assert np.all(np.diff(subset) > 0)
+    assert len(stratified_subset(labels, None)) == 1000

@@ -1,0 +1,69 @@
+"""What the advisor writes: advice.json that round-trips, the exact command, a PNG, the table."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from rich.console import Console
+
+from transfer_cases.advise import StageScores, decide, print_advice, read_advice, train_command, write_advice
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def small_different_advice():
+    stages = [
+        StageScores(i + 1, w, lp, lr, pp, 0.02, pr, 0.03, stride=s)
+        for i, (w, s, lp, lr, pp, pr) in enumerate(
+            [(16, 2, -0.7, -0.7, 0.5, 0.3), (24, 4, -0.2, -0.6, 0.9, 0.4), (32, 8, -0.5, -0.7, 0.7, 0.35)]
+        )
+    ]
+    return decide({"ants": 20, "bees": 18}, stages, threshold_source="measured by test")
+
+
+def test_command_puts_user_overrides_first_and_replaces_the_case() -> None:
+    advice = small_different_advice()
+    command = train_command(advice, ["data=hymenoptera", "case=auto", "case.keep=9", "trainer.max_epochs=3"])
+    assert shlex.split(command) == [
+        "transfer-train",
+        "data=hymenoptera",
+        "trainer.max_epochs=3",
+        "case=small_different",
+        "case.keep=2",
+    ]
+    assert shlex.split(train_command(advice, ["data.root=/my data"]))[1] == "data.root=/my data"
+
+
+def test_advice_json_round_trips_and_holds_the_command(tmp_path: Path) -> None:
+    advice = small_different_advice()
+    paths = write_advice(
+        advice, tmp_path / "out", extra_overrides=["data=hymenoptera"], timings={"extract_s": 1.5}
+    )
+    assert read_advice(paths["json"]) == advice
+    assert read_advice(tmp_path / "out") == advice
+    record = json.loads(paths["json"].read_text())
+    assert record["command"] == "transfer-train data=hymenoptera case=small_different case.keep=2"
+    assert record["overrides"] == ["case=small_different", "case.keep=2"]
+    assert record["timings"] == {"extract_s": 1.5}
+    assert record["samples_per_class"] == {"ants": 20, "bees": 18}
+    assert [s["probe_pretrained"] for s in record["stages"]] == [0.5, 0.9, 0.7]
+    assert record["threshold_source"] == "measured by test"
+
+
+def test_chart_is_a_png(tmp_path: Path) -> None:
+    chart = write_advice(small_different_advice(), tmp_path)["chart"]
+    data = chart.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 10_000  # two panels of lines, not an empty canvas
+
+
+def test_printed_advice_marks_the_stage_and_ends_with_the_command() -> None:
+    console = Console(record=True, width=200)
+    print_advice(small_different_advice(), ["data=hymenoptera"], console=console)
+    text = console.export_text()
+    assert "2 ◀" in text and "stride" in text
+    assert "0.900 ± 0.020" in text
+    assert "measured by test" in text
+    assert text.rstrip().endswith("transfer-train data=hymenoptera case=small_different case.keep=2")
