@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from transfer_cases.checkpoint import check_resumable, read_checkpoint, resume_overrides
 from transfer_cases.config import instantiate_clean, register_resolvers, to_dict
 from transfer_cases.data import ClassificationDataModule
 from transfer_cases.module import TransferModule
@@ -14,6 +15,8 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
 
     The data decides the number of classes and their names; the backbone's weights decide the
     preprocessing, which is handed back to the data module so images are fed as the weights expect.
+    With `ckpt_path` (a resume), the checkpoint must fit the configured model; the pretrained
+    weights are not read (the checkpoint holds every weight) and its preprocessing is kept.
 
     Example:
         >>> from hydra import compose, initialize_config_dir
@@ -23,6 +26,8 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
         >>> module, datamodule = build(cfg)  # doctest: +SKIP
     """
     register_resolvers()
+    ckpt_path = cfg.get("ckpt_path")
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None
     datamodule: ClassificationDataModule = instantiate_clean(cfg.data)
     module: TransferModule = instantiate_clean(
         cfg.model,
@@ -31,6 +36,9 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
         num_classes=datamodule.num_classes,
         class_names=list(datamodule.classes),
         _recursive_=False,
+        **(resume_overrides(checkpoint) if checkpoint else {}),
     )
+    if checkpoint:
+        check_resumable(checkpoint, ckpt_path, module)
     datamodule.preprocess = module.preprocess
     return module, datamodule
