@@ -96,9 +96,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        folder = Path(path).parent
-        hint = (
-            "the checkpoints written before are intact: free some space (or set paths.output_dir to "
-            f"another disk), then resume with ckpt_path={folder / 'last.ckpt'}"
-        )
+        last = Path(path).parent / "last.ckpt"
+        if last.is_file():
+            hint = (
+                "the checkpoints written before are intact: free some space (or set paths.output_dir to "
+                f"another disk), then resume with ckpt_path={last}"
+            )
+        else:
+            hint = "no checkpoint of this run was written yet: free some space, then start the run again"
         atomic_write(path, lambda f: torch.save(checkpoint, f), what="checkpoint", space_hint=hint)

@@ -30,7 +30,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {path}: {_unreadable(path, e)}; {WHERE}") from None
-    what = _not_a_checkpoint(obj)
+    what = _not_a_checkpoint(obj, path)
     if what:
         raise ConfigError(f"{path} is {what}")
     return obj
@@ -52,18 +52,18 @@ def _unreadable(path: Path, error: Exception) -> str:
     return "it is a text file, not a PyTorch checkpoint"
 
 
-def _not_a_checkpoint(obj: Any) -> str:
+def _not_a_checkpoint(obj: Any, path: Path) -> str:
     """'' for a checkpoint of transfer-train, else what `obj` is and what to do instead."""
     if isinstance(obj, dict) and obj.get("format") == WEIGHTS_FORMAT:
         return (
             f"a weights file ({obj.get('arch')} backbone weights, format {WEIGHTS_FORMAT}), not a "
             "checkpoint of transfer-train: it holds no head, case or classes. To train from it, "
-            f"pass it as backbone.weights=<file>; to evaluate, predict or resume, {WHERE}"
+            f"pass it as backbone.weights={path}; to evaluate, predict or resume, {WHERE}"
         )
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return (
             f"a plain state dict ({len(obj)} tensors), not a checkpoint of transfer-train: it holds no "
-            "case, head or classes. To initialise a backbone from it, pass it as backbone.weights=<file>; "
+            f"case, head or classes. To initialise a backbone from it, pass it as backbone.weights={path}; "
             f"to evaluate, predict or resume, {WHERE}"
         )
     if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):

@@ -152,13 +152,19 @@ class TransferModule(L.LightningModule):
         """
         before = {name: m.training for name, m in self.named_modules()}
         self.train()  # StagedBody.train keeps the frozen prefix in eval mode
-        switched = [name or "<module>" for name, m in self.named_modules() if m.training and not before[name]]
+        switched = [name for name, m in self.named_modules() if name and m.training and not before[name]]
         if switched:
+            modules = dict(self.named_modules())
+            outermost = [
+                n
+                for n in switched
+                if n.rpartition(".")[0] not in set(switched) and any(True for _ in modules[n].parameters())
+            ]
             rank_zero_warn(
                 f"{len(switched)} trainable module(s) were in eval mode at the start of training "
-                f"({', '.join(switched[:4])}{', ...' if len(switched) > 4 else ''}), as a module from "
-                "checkpoint.load_module is; put them in train mode so that dropout and the BatchNorm "
-                "statistics of the trained layers work as in training"
+                f"(in {', '.join(outermost)}), as in a module from checkpoint.load_module; put them in "
+                "train mode so that dropout and the BatchNorm statistics of the trained layers work "
+                "as in training"
             )
         frozen = sum(not m.training for m in self.modules())
         if frozen and self._eval_mode_warning is None:
