@@ -11,13 +11,14 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tests.conftest import case_config
+from tests.conftest import TINY, case_config
 from tests.test_configs import TINY_OVERRIDES, run_cli
 from transfer_cases import build
 from transfer_cases.cases import Case
 from transfer_cases.checks import OutputFolderCheck
 from transfer_cases.errors import ConfigError, OutputError
 from transfer_cases.evaluate import evaluate
+from transfer_cases.module import TransferModule
 from transfer_cases.train import train
 
 
@@ -32,35 +33,27 @@ def rejected(
     return err.value
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        (
-            "trainer.max_epochs=-1",
-            r"trainer\.max_epochs=-1 is not a whole number >= 1 \(-1 would train forever\)",
-        ),
-        ("trainer.max_epochs=0", r"trainer\.max_epochs=0 is not a whole number >= 1 \(0 trains nothing"),
-        (
-            "trainer.max_epochs=abc",
-            r"trainer\.max_epochs='abc' is not a whole number >= 1; e\.g\. trainer\.max_epochs=5",
-        ),
-        ("trainer.max_epochs=2.5", r"trainer\.max_epochs=2\.5 is not a whole number"),
-        ("trainer.max_epochs=true", r"trainer\.max_epochs=True is not a whole number"),
-        (
-            "model.optimizer.lr=-1",
-            r"model\.optimizer\.lr=-1 is not a number > 0; e\.g\. model\.optimizer\.lr=1e-3",
-        ),
-        ("model.optimizer.lr=0", r"model\.optimizer\.lr=0 is not a number > 0"),
-        ("model.optimizer.lr=abc", r"model\.optimizer\.lr='abc' is not a number > 0"),
-        ("model.optimizer.weight_decay=-0.1", r"model\.optimizer\.weight_decay=-0\.1 must be a number >= 0"),
-        ("model.label_smoothing=1.5", r"model\.label_smoothing=1\.5 must be a number >= 0 and < 1"),
-        ("model.scheduler.T_max=0", r"model\.scheduler\.T_max=0 is not a whole number >= 1"),
-    ],
-)
+BAD_VALUES = {
+    "trainer.max_epochs=-1": r"trainer\.max_epochs=-1 is not a whole number >= 1 \(-1 would train forever\)",
+    "trainer.max_epochs=0": r"trainer\.max_epochs=0 is not a whole number >= 1 \(0 trains nothing",
+    "trainer.max_epochs=abc": r"trainer\.max_epochs='abc' is not a whole number >= 1; e\.g\. "
+    r"trainer\.max_epochs=5",
+    "trainer.max_epochs=2.5": r"trainer\.max_epochs=2\.5 is not a whole number",
+    "trainer.max_epochs=true": r"trainer\.max_epochs=True is not a whole number",
+    "model.optimizer.lr=-1": r"model\.optimizer\.lr=-1 is not a number > 0; e\.g\. model\.optimizer\.lr=1e-3",
+    "model.optimizer.lr=0": r"model\.optimizer\.lr=0 is not a number > 0",
+    "model.optimizer.lr=abc": r"model\.optimizer\.lr='abc' is not a number > 0",
+    "model.optimizer.weight_decay=-0.1": r"model\.optimizer\.weight_decay=-0\.1 must be a number >= 0",
+    "model.label_smoothing=1.5": r"model\.label_smoothing=1\.5 must be a number >= 0 and < 1",
+    "model.scheduler.T_max=0": r"model\.scheduler\.T_max=0 is not a whole number >= 1",
+}
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
 def test_bad_training_values_are_rejected_before_training(
-    compose_train: Callable[..., DictConfig], image_folder: Path, override: str, message: str
+    compose_train: Callable[..., DictConfig], image_folder: Path, override: str
 ) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=BAD_VALUES[override]):
         raise rejected(compose_train, image_folder, override)
 
 
@@ -142,6 +135,34 @@ def test_case_booleans_are_rejected(field: str, value: bool) -> None:
         ConfigError, match=rf"case\.{field}={str(value).lower()} is a boolean; case\.{field} takes"
     ):
         Case.from_config({**case_config("small_different"), field: value})
+
+
+CASE_VALUES = {
+    "init=random": ({"init": "random"}, r"case\.init must be 'pretrained' or 'scratch', got 'random'"),
+    "scratch+frozen": (
+        {"init": "scratch"},
+        r"freezes randomly initialised stages .*set case\.freeze=none or case\.init=pretrained",
+    ),
+    "freeze=-1": ({"freeze": -1}, r"case\.freeze must be 'all', 'none' or a number of stages, got -1"),
+    "body_lr_scale=-1": ({"body_lr_scale": -1}, r"case\.body_lr_scale must be a number >= 0, got -1"),
+}
+
+
+@pytest.mark.parametrize("values", CASE_VALUES)
+def test_case_values_that_cannot_work(values: str) -> None:
+    fields, message = CASE_VALUES[values]
+    with pytest.raises(ConfigError, match=message):
+        Case.from_config({**case_config("small_different"), **fields})
+
+
+def test_body_lr_scale_zero_with_a_trainable_body() -> None:
+    module = TransferModule(
+        backbone=TINY, case={**case_config("large_similar"), "body_lr_scale": 0}, num_classes=2
+    )
+    with pytest.raises(
+        ConfigError, match=r"trains \d+ body tensors with body_lr_scale=0: freeze them instead"
+    ):
+        module.param_groups()
 
 
 def test_case_boolean_from_the_command_line(
