@@ -177,15 +177,6 @@ def test_case_keep_that_is_not_a_number() -> None:
         Case.from_config({**case_config("small_different"), "keep": "last"})
 
 
-def test_cli_bad_value_is_one_message_and_exit_2(tmp_path: Path) -> None:
-    run = run_cli(
-        "transfer-train", *TINY_OVERRIDES, "trainer.max_epochs=-1", f"hydra.run.dir={tmp_path}", cwd=tmp_path
-    )
-    assert run.returncode == 2
-    assert "Traceback" not in run.stderr and run.stderr.count("error:") == 1
-    assert "error: trainer.max_epochs=-1 is not a whole number >= 1 (-1 would train forever)" in run.stderr
-
-
 def test_cli_run_dir_behind_a_file_is_one_message_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("")
     run = run_cli(
