@@ -23,7 +23,8 @@ from transfer_cases.data import ClassificationDataModule
 from transfer_cases.errors import ConfigError
 from transfer_cases.module import TransferModule
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 # The CPU even where a GPU is (the default trainer is `accelerator: auto`); ddp_cpu keeps its two processes.
 TINY_OVERRIDES = ("backbone=tiny_cnn", "data.num_workers=0", "trainer.accelerator=cpu")
 
@@ -130,11 +131,18 @@ def test_eval_config_composes(compose_train: Callable[..., DictConfig]) -> None:
     assert cfg.split == "val" and "_target_" in cfg.data
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a console-script subprocess: this checkout's `src/` first (the scripts run
+    in another folder, where a relative PYTHONPATH=src would silently fall back to the installed
+    package), and its root, so that configs can name test helpers (`tests.helpers.lightning.EpochLog`)."""
+    paths = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name(args[0])
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+        [str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, env=cli_env(), timeout=300
     )
 
 

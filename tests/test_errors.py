@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision.models._api
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
@@ -55,12 +56,18 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
 
 
 def test_offline_download_names_the_weights_and_the_local_file_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(*_: object, **__: object) -> None:
+    calls = []
+
+    def offline(url: str, *_: object, **__: object) -> None:
+        calls.append(url)
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # torchvision imported the function into its weights API: patch it where it is looked up, so the
+    # test means the same on a machine with network (patching torch.hub would not stop a download).
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsError) as err:
         TorchvisionBackbone("resnet18", weights="IMAGENET1K_V1").build()
+    assert calls and calls[0].endswith(".pth")
     message = str(err.value)
     assert "ResNet18_Weights.IMAGENET1K_V1" in message and "backbone.weights=/path/to/" in message
 

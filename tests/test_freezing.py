@@ -94,18 +94,27 @@ def test_frozen_stages_stay_in_eval_mode_through_train_calls(backbone: str) -> N
     assert all(not m.training for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+PARTIAL = {"name": "partial", "init": "pretrained", "keep": None, "freeze": 2, "body_lr_scale": 0.1}
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_backward_never_enters_the_frozen_prefix(backbone: str) -> None:
-    module, size = make(backbone, "small_similar")
-    calls = []
-    for stage in module.backbone.stages:
-        stage.register_full_backward_hook(lambda *_: calls.append(1))
+@pytest.mark.parametrize("case", ["small_similar", "partial"])
+def test_backward_never_enters_the_frozen_prefix(backbone: str, case: str) -> None:
+    cfg, size = BACKBONES[backbone]
+    case_cfg = PARTIAL if case == "partial" else case_config(case)
+    module = TransferModule(backbone=cfg, case=case_cfg, num_classes=3)
+    body = module.backbone
+    entered: list[int] = []
+    for i, stage in enumerate(body.stages[: body.num_frozen]):
+        stage.register_full_backward_hook(lambda *_, i=i: entered.append(i))
     module.train()
-    out = module(torch.randn(2, 3, size, size))
-    module.loss(out, torch.tensor([0, 1])).backward()
-    assert calls == []
-    assert all(p.grad is None for p in module.backbone.parameters())
-    assert all(p.grad is not None for p in module.head.parameters())
+    # An input that requires grad: were the frozen prefix not run under no_grad, backward would go
+    # through it to reach the input (when trainable stages follow it), frozen parameters or not.
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    module.loss(module(x), torch.tensor([0, 1])).backward()
+    assert entered == [] and x.grad is None
+    assert all(p.grad is None for p in body.stages[: body.num_frozen].parameters())
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

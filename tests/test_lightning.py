@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 
 from tests.conftest import CASES, TINY, case_config
 from transfer_cases.data import ImageFolderDataModule
@@ -145,3 +148,72 @@ def test_checkpoint_body_initialises_a_task_with_other_classes(tmp_path: Path, i
     wider = {**TINY, "widths": [8, 16, 64], "weights": str(tmp_path / "three.ckpt")}
     with pytest.raises(WeightsError, match=r"three\.ckpt"):
         TransferModule(backbone=wider, case=case_config("small_similar"), num_classes=2)
+
+
+def eval_mode_messages(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Lightning's warning about modules in eval mode when fit starts."""
+    return [str(w.message) for w in caught if re.match(r"Found \d+ module\(s\) in eval mode", str(w.message))]
+
+
+def test_the_frozen_prefix_in_eval_mode_is_not_warned_about_but_other_eval_modules_are(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    module = TransferModule(backbone=TINY, case=case_config("small_different"), num_classes=2)
+    frozen = sum(not m.training for m in module.train().modules())
+    assert frozen > 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, epochs=1).fit(module, datamodule(image_folder, module))
+        # The filter lived only while fit started: the same warning from elsewhere still shows.
+        warnings.warn(f"Found {frozen} module(s) in eval mode at the start of training.", stacklevel=1)
+    assert eval_mode_messages(caught) == [f"Found {frozen} module(s) in eval mode at the start of training."]
+
+
+def test_a_module_loaded_in_eval_mode_fine_tunes_in_train_mode_and_says_so(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    from tests.helpers.lightning import save_checkpoint
+    from transfer_cases.checkpoint import load_module
+
+    case = {"name": "partial", "init": "pretrained", "keep": None, "freeze": 1, "body_lr_scale": 0.1}
+    original = TransferModule(backbone=TINY, case=case, num_classes=2, head={"kind": "mlp", "dropout": 0.5})
+    loaded = load_module(save_checkpoint(original, tmp_path / "model.ckpt"))
+    assert not loaded.training and not loaded.head.training  # as the loader returns it
+    modes: list[bool] = []
+
+    class TrainableModes(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, module: TransferModule, *_: object) -> None:
+            trainable = [module.head, *module.backbone.stages[module.backbone.num_frozen :]]
+            modes.append(all(m.training for part in trainable for m in part.modules()))
+
+    watch = FrozenWatch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, epochs=1, callbacks=[watch, TrainableModes()]).fit(
+            loaded, datamodule(image_folder, loaded)
+        )
+    (message,) = [str(w.message) for w in caught if "trainable module(s) were in eval mode" in str(w.message)]
+    assert "head" in message and "put them in train mode" in message
+    assert modes and all(modes)  # dropout and the trainable BatchNorm layers train
+    assert watch.steps == len(modes)  # and the frozen stage stayed in eval mode throughout
+    assert eval_mode_messages(caught) == []
+
+
+def test_train_accuracy_is_a_torchmetrics_metric_over_the_whole_epoch(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    class Recording(TransferModule):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            self.seen.append((self(batch[0]).argmax(1) == batch[1]).float())
+            return super().training_step(batch, batch_idx)
+
+    module = Recording(backbone=TINY, case=case_config("large_different"), num_classes=2)
+    module.seen = []
+    data = ImageFolderDataModule(image_folder, batch_size=5, preprocess=module.preprocess, image_size=32)
+    t = trainer(tmp_path, epochs=1, limit_val_batches=0)
+    t.fit(module, data)
+    assert isinstance(module.train_acc, MulticlassAccuracy)
+    # 12 images in batches of 5, 5 and 2: the epoch's accuracy, not the mean of the batches'.
+    # (Each prediction is recorded in the step that makes it, before the optimizer moves.)
+    expected = torch.cat(module.seen).mean()
+    assert float(t.callback_metrics["train/acc"]) == pytest.approx(float(expected))

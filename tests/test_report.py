@@ -216,6 +216,36 @@ def test_labels_name_what_varies_and_an_extra_column_shows_other_overrides(tmp_p
     assert "| model.optimizer.lr=0.001 |" in text
 
 
+def test_a_corrupt_job_config_is_a_failed_row_and_the_others_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sweep = tmp_path / "sweep"
+    write_job(
+        sweep, "0_a", "small_similar", ok_summary("small_similar", 0.8, 0.7, 0.8, 5.0, 10), [(0, 0.8, 0.7)]
+    )
+    broken = write_job(sweep, "1_b", "small_different", ok_summary("small_different", 0.7, 0.6, 0.7, 5.0, 10))
+    (broken / ".hydra" / "config.yaml").write_text("case: {name: [unclosed\n  : : :\n")
+    write_job(sweep, "2_c", "large_similar", ok_summary("large_similar", 0.9, 0.8, 0.9, 5.0, 10))
+    main([str(sweep)])
+    rows = collect_runs(sweep)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert rows[1]["error"].startswith("unreadable .hydra/config.yaml: ")
+    assert rows[1]["case"] == "small_different"  # still known from its summary.json
+    assert "failed: 1_b: unreadable .hydra/config.yaml" in capsys.readouterr().out
+
+
+def test_learning_curve_of_a_resumed_run_reads_every_epoch_once(tmp_path: Path) -> None:
+    """A resumed job's metrics.csv holds both sessions; an epoch logged twice counts once (the last)."""
+    sweep = tmp_path / "sweep"
+    job = write_job(sweep, "0_a", "small_similar", ok_summary("small_similar", 0.8, 0.7, None, 5.0, 10))
+    (job / "csv").mkdir()
+    (job / "csv" / "metrics.csv").write_text(
+        "epoch,step,val/acc,val/f1\n0,2,0.5,0.4\n1,5,0.6,0.5\n1,5,0.65,0.55\n2,8,0.7,0.6\n3,11,0.8,0.7\n"
+    )
+    (row,) = collect_runs(sweep)
+    assert row["curve"] == [(0, 0.5), (1, 0.65), (2, 0.7), (3, 0.8)]
+
+
 def test_cli_prints_the_table_and_writes_into_the_sweep(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from transfer_cases.checkpoint import check_resumable, read_checkpoint, resume_overrides
 from transfer_cases.config import instantiate_clean, register_resolvers, to_dict
 from transfer_cases.data import ClassificationDataModule
 from transfer_cases.module import TransferModule
@@ -18,6 +19,8 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
     3. the weights' preprocessing back into the data: only the chosen weights know the resize, crop
        and normalisation they were trained with, and images must be fed the same way.
     The Trainer calls the data module's `setup` later, so no transform is built with a stale size.
+    With `ckpt_path` (a resume), the checkpoint must fit the configured model; the pretrained
+    weights are not read (the checkpoint holds every weight) and its preprocessing is kept.
 
     Example:
         >>> from hydra import compose, initialize_config_dir
@@ -27,6 +30,8 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
         >>> module, datamodule = build(cfg)  # doctest: +SKIP
     """
     register_resolvers()
+    ckpt_path = cfg.get("ckpt_path")
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None
     # 1. data: the classes
     datamodule: ClassificationDataModule = instantiate_clean(cfg.data)
     # 2. model: sized from the data
@@ -37,7 +42,10 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
         num_classes=datamodule.num_classes,
         class_names=list(datamodule.classes),
         _recursive_=False,
+        **(resume_overrides(checkpoint) if checkpoint else {}),
     )
+    if checkpoint:
+        check_resumable(checkpoint, ckpt_path, module)
     # 3. the weights' preprocessing, pushed back into the data
     datamodule.preprocess = module.preprocess
     return module, datamodule

@@ -33,6 +33,24 @@ class Case:
     body_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        # YAML `true`/`false` are ints to Python: `freeze: true` would freeze one stage, `keep: true`
+        # keep one. Say so instead.
+        for key, meaning in (
+            ("keep", "null (all stages), k (the first k) or -k (all but the last k)"),
+            ("freeze", "'all', 'none' or a number of stages"),
+            ("body_lr_scale", "a number such as 0.1"),
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool):
+                raise ConfigError(
+                    f"case.{key}={str(value).lower()} is a boolean; case.{key} takes {meaning}"
+                    + (", e.g. case.freeze=all" if key == "freeze" else "")
+                )
+        if not (self.keep is None or isinstance(self.keep, int)):
+            raise ConfigError(
+                f"case.keep must be null, k or -k (a whole number of stages), got {self.keep!r}; "
+                "e.g. case.keep=-1"
+            )
         if self.init not in ("pretrained", "scratch"):
             raise ConfigError(f"case.init must be 'pretrained' or 'scratch', got {self.init!r}")
         if not (self.freeze in ("all", "none") or (isinstance(self.freeze, int) and self.freeze >= 0)):
@@ -43,8 +61,8 @@ class Case:
                 f"(init=scratch, freeze={self.freeze}): frozen random features are useless; "
                 "set case.freeze=none or case.init=pretrained"
             )
-        if self.body_lr_scale < 0:
-            raise ConfigError(f"case.body_lr_scale must be >= 0, got {self.body_lr_scale}")
+        if not isinstance(self.body_lr_scale, int | float) or self.body_lr_scale < 0:
+            raise ConfigError(f"case.body_lr_scale must be a number >= 0, got {self.body_lr_scale!r}")
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Case:

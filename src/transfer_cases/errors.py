@@ -18,3 +18,7 @@ class DataError(TransferCasesError, ValueError):
 
 class WeightsError(TransferCasesError, RuntimeError):
     """Weights that cannot be had (offline download, missing file) or do not fit the architecture."""
+
+
+class OutputError(TransferCasesError, OSError):
+    """An output that cannot be written: read-only or missing folder, full disk."""

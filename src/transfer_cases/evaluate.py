@@ -27,6 +27,7 @@ from torchmetrics.functional.classification import (
 )
 
 from transfer_cases.checkpoint import load_module
+from transfer_cases.checks import check_eval_config
 from transfer_cases.cli import friendly_errors
 from transfer_cases.config import instantiate_clean, register_resolvers
 from transfer_cases.data import ClassificationDataModule, SubsetDataset
@@ -102,6 +103,7 @@ def _fmt(value: Any) -> str:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score the checkpoint on one split; writes metrics.{csv,md} and confusion_matrix.png."""
+    check_eval_config(cfg)
     module = load_module(cfg.ckpt_path)
     datamodule: ClassificationDataModule = instantiate_clean(cfg.data)
     if list(datamodule.classes) != list(module.class_names):

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -17,9 +17,6 @@ from transfer_cases.config import instantiate_clean, to_dict
 from transfer_cases.errors import ConfigError
 from transfer_cases.heads import make_head
 from transfer_cases.preprocess import Preprocess
-
-# Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 1e-4}
 
@@ -83,8 +80,10 @@ class TransferModule(L.LightningModule):
                 "f1": MulticlassF1Score(num_classes, average="macro"),
             }
         )
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self._eval_mode_warning: warnings.catch_warnings | None = None
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +126,7 @@ class TransferModule(L.LightningModule):
 
     # -- loops ----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self._train_mode_for_training()
         counts = self.parameter_counts()
         rank_zero_info(
             f"case={self.case.name} body={self.backbone.name} stages kept={self.backbone.depth} "
@@ -136,14 +136,52 @@ class TransferModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
 
+    def on_train_start(self) -> None:
+        if self._eval_mode_warning is not None:
+            self._eval_mode_warning.__exit__(None, None, None)
+            self._eval_mode_warning = None
+
+    def _train_mode_for_training(self) -> None:
+        """Trainable modules train; the frozen prefix stays in eval mode, and only that is silenced.
+
+        Lightning keeps the modes a model comes with and warns about every module in eval mode. Ours
+        are the frozen stages, on purpose, so that warning is silenced from here until
+        `on_train_start` (it is issued in between) and only for exactly their number. A module in
+        eval mode as a whole (as `checkpoint.load_module` returns it) would fine-tune with dropout
+        off and BatchNorm statistics stuck: its trainable part is put in train mode, with a warning.
+        """
+        before = {name: m.training for name, m in self.named_modules()}
+        self.train()  # StagedBody.train keeps the frozen prefix in eval mode
+        switched = [name for name, m in self.named_modules() if name and m.training and not before[name]]
+        if switched:
+            modules = dict(self.named_modules())
+            outermost = [
+                n
+                for n in switched
+                if n.rpartition(".")[0] not in set(switched) and any(True for _ in modules[n].parameters())
+            ]
+            rank_zero_warn(
+                f"{len(switched)} trainable module(s) were in eval mode at the start of training "
+                f"(in {', '.join(outermost)}), as in a module from checkpoint.load_module; put them in "
+                "train mode so that dropout and the BatchNorm statistics of the trained layers work "
+                "as in training"
+            )
+        frozen = sum(not m.training for m in self.modules())
+        if frozen and self._eval_mode_warning is None:
+            self._eval_mode_warning = warnings.catch_warnings()
+            self._eval_mode_warning.__enter__()
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training\."
+            )
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
         n = len(y)
+        self.train_acc.update(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     def _eval_step(

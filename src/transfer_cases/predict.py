@@ -1,4 +1,9 @@
-"""`transfer-predict CKPT IMAGES [--out predictions.csv]`: classify a folder of images into a CSV."""
+"""`transfer-predict CKPT IMAGES [--out predictions.csv]`: classify a folder of images into a CSV.
+
+Nothing finished is lost: the output location is checked before any work, rows are written (and
+flushed) batch by batch, and an unreadable image gets a row with its `error` instead of ending the
+run; every bad file is named at the end.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,21 @@ import csv
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import torch
 from tqdm import tqdm
 
 from transfer_cases.checkpoint import load_module
+from transfer_cases.checks import check_writable_dir
 from transfer_cases.cli import friendly_errors
 from transfer_cases.data.imagefolder import is_image_file
 from transfer_cases.data.sources import open_image
 from transfer_cases.data.transforms import eval_transform
-from transfer_cases.errors import DataError
+from transfer_cases.errors import ConfigError, DataError, OutputError
+from transfer_cases.module import TransferModule
+
+FIELDS = ("file", "class", "probability", "error")
 
 
 def list_images(target: Path) -> list[Path]:
@@ -35,22 +45,76 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield items[start : start + size]
 
 
+def check_batch_size(batch_size: object) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(
+            f"--batch-size must be a whole number >= 1, got {batch_size!r}; e.g. --batch-size 32"
+        )
+    return batch_size
+
+
 @torch.inference_mode()
-def predict(ckpt: str | Path, target: str | Path, batch_size: int = 32) -> list[dict[str, object]]:
-    """One row per image: `file`, predicted `class` and its `probability`, preprocessed as in validation."""
-    module = load_module(ckpt)
+def iter_predictions(
+    module: TransferModule, images: Sequence[Path], batch_size: int = 32
+) -> Iterator[list[dict[str, object]]]:
+    """Rows batch by batch: `file`, predicted `class`, its `probability`, and `error` ('' when fine).
+
+    An image that cannot be read gets a row with empty class and probability and the reason in
+    `error`; the others are predicted as usual (preprocessed as in validation).
+    """
+    check_batch_size(batch_size)
     transform = eval_transform(module.preprocess)
-    images = list_images(Path(target))
-    rows: list[dict[str, object]] = []
     with tqdm(total=len(images), desc="predict", unit="img", disable=len(images) < 2 * batch_size) as bar:
         for batch in _batches(images, batch_size):
-            x = torch.stack([transform(open_image(p, str(p))) for p in batch])
-            probs = module(x).softmax(dim=1)
-            conf, idx = probs.max(dim=1)
-            for path, c, i in zip(batch, conf.tolist(), idx.tolist(), strict=True):
-                rows.append({"file": str(path), "class": module.class_names[i], "probability": round(c, 6)})
+            rows: dict[Path, dict[str, object]] = {}
+            tensors, readable = [], []
+            for path in batch:
+                try:
+                    tensors.append(transform(open_image(path, str(path))))
+                    readable.append(path)
+                except (DataError, OSError) as e:
+                    rows[path] = {"file": str(path), "class": "", "probability": "", "error": str(e)}
+            if tensors:
+                conf, idx = module(torch.stack(tensors)).softmax(dim=1).max(dim=1)
+                for path, c, i in zip(readable, conf.tolist(), idx.tolist(), strict=True):
+                    rows[path] = {
+                        "file": str(path),
+                        "class": module.class_names[i],
+                        "probability": round(c, 6),
+                        "error": "",
+                    }
             bar.update(len(batch))
-    return rows
+            yield [rows[p] for p in batch]
+
+
+def predict(ckpt: str | Path, target: str | Path, batch_size: int = 32) -> list[dict[str, object]]:
+    """One row per image (see `iter_predictions`), in file order."""
+    check_batch_size(batch_size)
+    module, images = load_module(ckpt), list_images(Path(target))
+    return [row for rows in iter_predictions(module, images, batch_size) for row in rows]
+
+
+def check_output(out: Path | None) -> None:
+    """Before any work: a missing folder is created; a folder given as the file, or a location that
+    cannot be written, is one clear message."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give a file name, e.g. --out {out / 'predictions.csv'}")
+    check_writable_dir(out.parent, "--out folder")
+
+
+def write_predictions(rows_by_batch: Iterator[list[dict[str, object]]], out: IO[str]) -> list[str]:
+    """Write rows as they come (flushed per batch, so an interruption keeps what was finished);
+    returns the files that could not be read, with the reason."""
+    writer = csv.DictWriter(out, fieldnames=FIELDS)
+    writer.writeheader()
+    failed: list[str] = []
+    for rows in rows_by_batch:
+        writer.writerows(rows)
+        out.flush()
+        failed += [f"{r['file']}: {r['error']}" for r in rows if r["error"]]
+    return failed
 
 
 @friendly_errors
@@ -61,16 +125,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    rows = predict(args.ckpt, args.images, args.batch_size)
-    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
+    check_batch_size(args.batch_size)
+    check_output(args.out)
+    module, images = load_module(args.ckpt), list_images(args.images)
     try:
-        writer = csv.DictWriter(out, fieldnames=["file", "class", "probability"])
-        writer.writeheader()
-        writer.writerows(rows)
+        out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise OutputError(f"cannot write --out {args.out}: {(e.strerror or str(e)).lower()}") from None
+    try:
+        failed = write_predictions(iter_predictions(module, images, args.batch_size), out)
     finally:
         if args.out:
             out.close()
-            print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    if args.out:
+        print(f"wrote {len(images)} rows to {args.out}", file=sys.stderr)
+    if failed:
+        print(
+            f"warning: {len(failed)} of {len(images)} images could not be read "
+            "(their rows have the reason in the error column):\n  " + "\n  ".join(failed),
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -74,14 +74,22 @@ def _job_order(job_dir: Path) -> tuple[float, str]:
 
 
 def _job_row(job_dir: Path) -> dict[str, Any]:
-    cfg = _load_yaml(job_dir / ".hydra" / "config.yaml")
-    history = _val_history(job_dir)
+    # A file of this job that cannot be read makes it a failed row that names the file, not a crash
+    # of the whole report.
+    broken: list[str] = []
+    cfg = _load_yaml(job_dir / ".hydra" / "config.yaml", dict, broken)
+    overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml", list, broken)
+    history = _val_history(job_dir, broken)
     try:
         summary = read_summary(job_dir)
     except ValueError as e:
         summary = {"status": "failed", "error": f"unreadable summary.json: {e}"}
     if summary is None:
         summary = {"status": "failed", "error": "no summary.json: the job crashed hard or is still running"}
+    elif not isinstance(summary, dict):
+        summary = {"status": "failed", "error": "unreadable summary.json: not a JSON object"}
+    if broken:
+        summary = {**summary, "status": "failed", "error": "; ".join(broken)}
     case = cfg.get("case") or {}
     backbone = cfg.get("backbone") or {}
     ok = summary.get("status") == "ok"
@@ -103,7 +111,7 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
         or backbone.get("arch")
         or str(backbone.get("_target_", "")).rsplit(".", 1)[-1],
         "init": summary.get("init") or case.get("init"),
-        "all_overrides": _load_yaml(job_dir / ".hydra" / "overrides.yaml") or [],
+        "all_overrides": [str(o) for o in overrides],
         "status": "ok" if ok else "failed",
         "val_acc": val_acc if ok else None,
         "val_f1": val_f1 if ok else None,
@@ -115,16 +123,31 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
     }
 
 
-def _load_yaml(path: Path) -> Any:
-    """Plain data, interpolations left unresolved (resolvers such as `${asset:...}` are not needed)."""
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {}
+def _load_yaml(path: Path, kind: type, broken: list[str]) -> Any:
+    """Plain data of type `kind`, interpolations left unresolved (resolvers such as `${asset:...}`
+    are not needed). A file that does not parse as `kind` is named in `broken`, with the reason,
+    and read as empty."""
+    if not path.is_file():
+        return kind()
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        broken.append(f"unreadable {path.parent.name}/{path.name}: {reason}")
+        return kind()
+    if not isinstance(data, kind):
+        broken.append(f"unreadable {path.parent.name}/{path.name}: not a YAML {kind.__name__}")
+        return kind()
+    return data
 
 
-def _val_history(job_dir: Path) -> dict[int, dict[str, float]]:
-    """`{epoch: {"val/acc": ..., "val/f1": ...}}` from the job's `csv/metrics.csv` (empty if none).
+def _val_history(job_dir: Path, broken: list[str] | None = None) -> dict[int, dict[str, float]]:
+    """`{epoch: {"val/acc": ..., "val/f1": ...}}` from the job's `csv/metrics.csv`, read whole
+    (every session of a resumed run appends to it); empty if there is none.
 
     The CSV logger writes one row per logging event with blanks elsewhere; the last value of an
-    epoch wins, so a resumed run's repeated epoch counts once.
+    epoch wins, so an epoch repeated by a resume counts once. A value that is not a number is
+    skipped (and named in `broken`).
     """
     path = job_dir / "csv" / "metrics.csv"
     if not path.is_file():
@@ -133,8 +156,13 @@ def _val_history(job_dir: Path) -> dict[int, dict[str, float]]:
     with open(path, newline="") as f:
         for line in csv.DictReader(f):
             if line.get("epoch") and line.get("val/acc"):
-                values = {k: float(line[k]) for k in ("val/acc", "val/f1") if line.get(k)}
-                history[int(float(line["epoch"]))] = values
+                try:
+                    values = {k: float(line[k]) for k in ("val/acc", "val/f1") if line.get(k)}
+                    history[int(float(line["epoch"]))] = values
+                except ValueError as e:
+                    if broken is not None:
+                        broken.append(f"unreadable csv/metrics.csv: {e}")
+                    break
     return history
 
 

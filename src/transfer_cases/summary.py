@@ -9,6 +9,8 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from transfer_cases.atomic import atomic_write_text
+
 SUMMARY_FILE = "summary.json"
 
 
@@ -16,9 +18,11 @@ SUMMARY_FILE = "summary.json"
 def write_summary(
     cfg: DictConfig, status: str, result: dict[str, Any] | None = None, error: str | None = None
 ) -> Path:
-    """Write `<output_dir>/summary.json` with the run's case, backbone, status, metrics and timings."""
+    """Write `<output_dir>/summary.json` with the run's case, backbone, status, metrics and timings.
+
+    Written atomically: a full disk leaves the previous file (or none), never a truncated one.
+    """
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     backbone = cfg.get("backbone") or {}
     summary = {
         "status": status,
@@ -30,7 +34,7 @@ def write_summary(
         **(result or {}),
     }
     path = out / SUMMARY_FILE
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=2, default=str) + "\n", what="run summary")
     return path
 
 

@@ -10,9 +10,12 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from transfer_cases.atomic import find_user_error
 from transfer_cases.build import build
+from transfer_cases.checks import check_train_config
 from transfer_cases.cli import friendly_errors, instantiate_list, print_config, print_metrics
 from transfer_cases.config import instantiate_clean, register_resolvers
 from transfer_cases.paths import config_dir
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and test) the configured case; returns metrics, timings and the best checkpoint path."""
+    check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     trainer: L.Trainer = instantiate_clean(
@@ -31,22 +35,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=instantiate_list(cfg.get("logger")) or False,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     train_time = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best_callback = _best_checkpoint_callback(trainer)
+    best = best_callback.best_model_path if best_callback else ""
     if cfg.get("test") and datamodule.test_dataset is not None and not trainer.fast_dev_run:
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     return {
         "metrics": metrics,
         "best_checkpoint": best,
-        "best_score": float(trainer.checkpoint_callback.best_model_score or 0) if best else None,
+        "best_score": float(best_callback.best_model_score or 0) if best else None,
         "train_time_s": round(train_time, 2),
         "epochs": trainer.current_epoch,
         "params": module.parameter_counts(),
         "output_dir": str(cfg.paths.output_dir),
     }
+
+
+def _best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that monitors a metric (the other one writes last.ckpt every epoch)."""
+    return next(
+        (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None
+    )
 
 
 def _in_multirun() -> bool:
@@ -60,15 +72,26 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except Exception as e:
-        write_summary(cfg, "failed", error=f"{type(e).__name__}: {e}")
+        error = find_user_error(e)
+        _record_failure(cfg, error)
         if not _in_multirun():
-            raise
+            if error is e:
+                raise
+            raise error from None
         # One failed job must not end the sweep: the others run, and the report names this one.
         log.exception("job failed: %s", HydraConfig.get().job.override_dirname)
         return float("nan")
     write_summary(cfg, "ok", result)
     print_metrics(result)
     return result["metrics"].get(cfg.get("optimized_metric"))
+
+
+def _record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """summary.json says the run failed; a second error here (a full disk) must not hide the first."""
+    try:
+        write_summary(cfg, "failed", error=f"{type(error).__name__}: {error}")
+    except Exception as e:
+        log.warning("could not record the failure in summary.json: %s", e)
 
 
 def main() -> None:

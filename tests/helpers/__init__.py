@@ -1,1 +1,2 @@
-"""Test helpers: conditional marks (`RunIf`) and callbacks that report what a run did."""
+"""Test helpers: conditional marks (`RunIf`), callbacks that report what a run did (`probe`), and
+Lightning pieces that configs can name (`lightning`: `+callbacks.log._target_=tests.helpers.lightning.EpochLog`)."""

@@ -1,0 +1,143 @@
+"""Checks of a composed config before any work starts: one message naming the key, the bad value
+and a valid example, instead of a traceback minutes later (or a run that never ends)."""
+
+from __future__ import annotations
+
+import numbers
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from transfer_cases.errors import ConfigError, OutputError, TransferCasesError
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Everything `transfer-train` needs from its config before it builds a model."""
+    trainer = cfg.trainer
+    positive_int(
+        trainer.get("max_epochs"),
+        "trainer.max_epochs",
+        example="trainer.max_epochs=5",
+        why={-1: " (-1 would train forever)", 0: " (0 trains nothing and leaves no checkpoint)"},
+    )
+    model = cfg.get("model") or {}
+    optimizer = model.get("optimizer") or {}
+    if "lr" in optimizer:
+        positive_number(optimizer.lr, "model.optimizer.lr", example="model.optimizer.lr=1e-3")
+    if "weight_decay" in optimizer:
+        number_in(optimizer.weight_decay, "model.optimizer.weight_decay", 0, None, "=1e-4")
+    if "label_smoothing" in model:
+        number_in(model.label_smoothing, "model.label_smoothing", 0, 1, "=0.1")
+    scheduler = model.get("scheduler") or {}
+    if "T_max" in scheduler:
+        positive_int(scheduler.T_max, "model.scheduler.T_max", example="model.scheduler.T_max=10")
+    check_accelerator(trainer)
+    check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """What `transfer-eval` needs from its config before it loads the checkpoint."""
+    check_accelerator(cfg.trainer)
+    check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
+
+
+def positive_int(value: Any, key: str, *, example: str, why: dict[int, str] | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        note = (why or {}).get(value, "") if isinstance(value, int) and not isinstance(value, bool) else ""
+        raise ConfigError(f"{key}={value!r} is not a whole number >= 1{note}; e.g. {example}")
+    return int(value)
+
+
+def positive_number(value: Any, key: str, *, example: str) -> float:
+    if not _is_number(value) or not value > 0:
+        raise ConfigError(f"{key}={value!r} is not a number > 0; e.g. {example}")
+    return float(value)
+
+
+def number_in(value: Any, key: str, low: float, high: float | None, example: str) -> float:
+    """`low <= value` (and `value < high` when given)."""
+    if not _is_number(value) or value < low or (high is not None and value >= high):
+        bounds = f">= {low}" + (f" and < {high}" if high is not None else "")
+        raise ConfigError(f"{key}={value!r} must be a number {bounds}; e.g. {key}{example}")
+    return float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """`trainer=gpu` (or ddp) on a machine without a GPU: say which preset to use instead."""
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator not in ("gpu", "cuda"):
+        return
+    count = torch.cuda.device_count()
+    if count == 0 and not (accelerator == "gpu" and torch.backends.mps.is_available()):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no GPU that PyTorch can use "
+            "(torch.cuda.device_count() is 0): use trainer=cpu (trainer=ddp_cpu for DDP), or "
+            "trainer.accelerator=auto to take a GPU when there is one"
+        )
+    devices = trainer.get("devices")
+    if count and isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {count} GPU(s); e.g. trainer.devices={count}"
+        )
+
+
+def check_writable_dir(folder: str | Path, setting: str) -> Path:
+    """Create `folder` if needed and write a probe file in it; else one message naming `setting`."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(_not_writable(folder, setting, e)) from None
+    return folder
+
+
+def check_creatable_dir(folder: str | Path, setting: str) -> None:
+    """Like `check_writable_dir`, but creates nothing: probes the nearest folder that exists."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file, not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(_not_writable(folder, setting, e)) from None
+
+
+def _not_writable(folder: Path, setting: str, error: OSError) -> str:
+    reason = (error.strerror or str(error)).lower()
+    return (
+        f"cannot write to {setting}={folder}: {reason}; choose a folder you can write to, "
+        f"e.g. {setting}=/tmp/runs/my_run"
+    )
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback: a run or sweep folder that cannot be written stops with one message, before
+    Hydra tries to create it (Hydra itself would end with a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(check_creatable_dir, config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(check_creatable_dir, config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _exit_on_error(check: Any, *args: Any) -> None:
+    # Runs inside Hydra, outside the task function and its `friendly_errors`: same output, same status.
+    try:
+        check(*args)
+    except TransferCasesError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
