@@ -1,2 +1,2 @@
-"""Test helpers: conditional marks (`RunIf`), callbacks that report what a run did (`probe`), and
-Lightning pieces that configs can name (`lightning`: `+callbacks.log._target_=tests.helpers.lightning.EpochLog`)."""
+"""Test helpers: conditional marks (`run_if.RunIf`), callbacks that report what a run did (`probe`),
+and Lightning pieces that configs can name (`lightning`, e.g. `tests.helpers.lightning.EpochLog`)."""

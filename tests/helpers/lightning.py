@@ -1,5 +1,5 @@
-"""Lightning pieces for tests that configs can name (`+callbacks.log._target_=tests.helpers.lightning.EpochLog`),
-in-process or in a `transfer-train` subprocess."""
+"""Lightning pieces for tests that configs can name, in-process or in a `transfer-train` subprocess
+(`+callbacks.log._target_=tests.helpers.lightning.EpochLog`)."""
 
 from __future__ import annotations
 
