@@ -26,7 +26,10 @@ def rejected(
     compose_train: Callable[..., DictConfig], image_folder: Path, *overrides: str
 ) -> ConfigError | OutputError:
     """The error `train` raises for `overrides`; it must come before anything is written."""
-    cfg = compose_train(*TINY_OVERRIDES, f"data.root={image_folder}", *overrides)
+    # A trainer preset among the overrides must keep its own accelerator (TINY_OVERRIDES pins the CPU).
+    pinned = () if any(o.startswith("trainer=") for o in overrides) else ("trainer.accelerator=cpu",)
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("trainer.accelerator=")]
+    cfg = compose_train(*tiny, *pinned, f"data.root={image_folder}", *overrides)
     with pytest.raises((ConfigError, OutputError)) as err:
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
