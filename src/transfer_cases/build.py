@@ -48,4 +48,7 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
         check_resumable(checkpoint, ckpt_path, module)
     # 3. the weights' preprocessing, pushed back into the data
     datamodule.preprocess = module.preprocess
+    if cfg.get("cache"):
+        # A fully frozen body is a fixed function: train the head on its features, computed once.
+        datamodule = instantiate_clean(cfg.cache).wrap(datamodule, module.backbone)
     return module, datamodule

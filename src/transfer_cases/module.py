@@ -85,11 +85,30 @@ class TransferModule(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self._eval_mode_warning: warnings.catch_warnings | None = None
 
-    # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # -- forward (timm's names) ----------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) → the kept body's pooled features (N, C)."""
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(x))
+        return self.backbone(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, C) → logits."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images, or of cached features when the body is fully frozen: (N, C)
+        pooled features, or (N, V, C) for V augmented views of which epoch e uses view e mod V."""
+        if x.ndim == 4:
+            return self(x)
+        if not self.backbone.fully_frozen:
+            raise RuntimeError("cached features given to a model whose body is not fully frozen")
+        if x.ndim == 3:
+            x = x[:, self.current_epoch % x.shape[1]]
+        return self.forward_head(x)
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
@@ -176,7 +195,7 @@ class TransferModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self._logits(x)
         loss = self.loss(logits, y)
         n = len(y)
         self.train_acc.update(logits, y)
@@ -188,7 +207,7 @@ class TransferModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str
     ) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self._logits(x)
         self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)
         metrics.update(logits, y)
         self.log_dict(metrics, prog_bar=True, batch_size=len(y))

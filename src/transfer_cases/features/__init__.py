@@ -1,0 +1,18 @@
+"""Features once: a fully frozen body's pooled features, computed once per cache key and reused."""
+
+from transfer_cases.features.datamodule import CachedFeatureDataModule, FeatureCache, body_fingerprint
+from transfer_cases.features.extract import EXTRACTIONS, Extraction, extract, resolve_extraction
+from transfer_cases.features.store import FeatureSet, FeatureStore, cache_key
+
+__all__ = [
+    "EXTRACTIONS",
+    "CachedFeatureDataModule",
+    "Extraction",
+    "FeatureCache",
+    "FeatureSet",
+    "FeatureStore",
+    "body_fingerprint",
+    "cache_key",
+    "extract",
+    "resolve_extraction",
+]

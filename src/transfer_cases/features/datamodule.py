@@ -1,0 +1,235 @@
+"""Serve a fully frozen body's pooled features instead of images, computed once per cache key.
+
+When every kept stage is frozen, the body is a fixed function: its output for an image never changes,
+so computing it every epoch is wasted work. `CachedFeatureDataModule` wraps the image data module,
+extracts the features of each split once (or loads them from the cache) at `setup`, and its loaders
+yield `(features, label)` batches. `TransferModule` sends 2-D inputs straight to the head, so the
+same module, Trainer, callbacks and checkpoints are used; a checkpoint trained this way is an ordinary
+one that classifies raw images.
+
+Augmentation: with `train_views=0` the head trains on the un-augmented view of each training image
+(one pass over the data, the cheapest). With `train_views=K`, K augmented views of each training
+image are extracted (K passes over train) and epoch e trains on view e mod K; val and test always use
+the un-augmented view. More views cost more extraction time and buy some of the regularisation of
+on-line augmentation; with a frozen body and a linear head, the gain is usually small.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from transfer_cases.backbones.staged import StagedBody
+from transfer_cases.digest import tensor_digest
+from transfer_cases.errors import ConfigError, DataError
+from transfer_cases.features.extract import extract, resolve_extraction
+from transfer_cases.features.store import FeatureSet, FeatureStore
+
+log = logging.getLogger(__name__)
+
+# Bumped when the meaning of a stored file changes, so older files are never read as current ones.
+FEATURES_VERSION = 1
+STORED_DTYPE = torch.float16  # pooled features are small numbers; half the disk and memory
+
+
+def body_fingerprint(body: StagedBody) -> str:
+    """Structure and every weight and buffer of the kept body: a different cut, architecture or
+    weights file gives a different value."""
+    return tensor_digest([(f"repr:{body!r}", torch.empty(0)), *body.state_dict().items()])
+
+
+class CachedFeatureDataModule(L.LightningDataModule):
+    """The frozen body's features of an image data module's splits, as train/val/test loaders.
+
+    Args:
+        images: the image data module (already given the weights' preprocessing).
+        body: the kept body; must be fully frozen.
+        store: where feature files live.
+        train_views: 0 for the un-augmented view of each train image, K for K augmented views.
+        extraction: numerics of the extraction pass (`auto`, `fp32`, `bf16`, ...; see `features.extract`).
+        batch_size: images per extraction batch (training batches keep the data module's batch size).
+    """
+
+    def __init__(
+        self,
+        images: Any,
+        body: StagedBody,
+        store: FeatureStore,
+        train_views: int = 0,
+        extraction: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if not body.fully_frozen:
+            raise ConfigError("features can only be cached for a fully frozen body (case.freeze=all)")
+        self.images = images
+        self.body = body
+        self.store = store
+        self.train_views = train_views
+        self.extraction = extraction
+        self.batch_size = batch_size
+        self.train_dataset: TensorDataset | None = None
+        self.val_dataset: TensorDataset | None = None
+        self.test_dataset: TensorDataset | None = None
+        self.report: dict[str, Any] = {}
+
+    # The image data module's facts, unchanged.
+    @property
+    def classes(self) -> list[str]:
+        return self.images.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.num_classes
+
+    @property
+    def preprocess(self) -> Any:
+        return self.images.preprocess
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        self.images.setup(stage)
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        numerics = resolve_extraction(self.extraction, device)
+        common = {
+            "version": FEATURES_VERSION,
+            "body": body_fingerprint(self.body),
+            "extraction": numerics.name,
+            "stored_dtype": str(STORED_DTYPE),
+        }
+        self.report = {"extraction": numerics.name, "dir": str(self.store.root), "files": {}}
+
+        def features(split: str, dataset: Dataset, view: int | None) -> FeatureSet:
+            parts = {
+                **common,
+                "split": split,
+                "data": dataset.fingerprint(),
+                "transform": repr(dataset.transform),
+                "view": view,
+                "seed": None if view is None else self.images.seed,
+            }
+            label = split if view is None else f"{split} view {view + 1}/{self.train_views}"
+
+            def build() -> FeatureSet:
+                # Augmented view v draws its crops from its own seeded stream (in the workers, or here
+                # when there are none), without moving the global RNG that training uses next.
+                seed = int(np.random.SeedSequence([self.images.seed, 3, view or 0]).generate_state(1)[0])
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    f, y = extract(
+                        self.body,
+                        self._loader(dataset, torch.Generator().manual_seed(seed)),
+                        device,
+                        numerics,
+                        desc=f"extracting {label} features ({numerics.name})",
+                        total=len(dataset),
+                    )
+                return FeatureSet(f.to(STORED_DTYPE), y)
+
+            fs, hit, path = self.store.get_or_build(parts, build)
+            log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path)
+            self.report["files"][label] = {"path": str(path), "hit": hit}
+            return fs
+
+        train = self.images.train_dataset
+        if self.train_views == 0:
+            train_fs = features("train", self._eval_copy(train), None)
+        else:
+            views = [features("train", train, v) for v in range(self.train_views)]
+            train_fs = FeatureSet(torch.stack([v.features for v in views], dim=1), views[0].labels)
+        self.train_dataset = _tensors(train_fs)
+        self.val_dataset = _tensors(features("val", self.images.val_dataset, None))
+        test = self.images.test_dataset
+        self.test_dataset = None if test is None else _tensors(features("test", test, None))
+
+    def _eval_copy(self, dataset: Dataset) -> Dataset:
+        """The same images through the eval transform (the un-augmented view)."""
+        clean = copy.copy(dataset)
+        clean.transform = self.images.predict_transform()
+        return clean
+
+    def _loader(self, dataset: Dataset, generator: torch.Generator) -> DataLoader:
+        """Extraction batches in dataset order (the generator seeds the workers' transforms)."""
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.images.num_workers,
+            generator=generator,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    # -- loaders over the cached tensors (in memory: no workers needed) ---------------------------
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(self.images.seed)
+        return DataLoader(
+            self.train_dataset, batch_size=self.images.batch_size, shuffle=True, generator=generator
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self.val_dataset, batch_size=self.images.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        if self.test_dataset is None:
+            raise DataError(self.images._no_test_split_message())
+        return DataLoader(self.test_dataset, batch_size=self.images.batch_size)
+
+
+def _tensors(fs: FeatureSet) -> TensorDataset:
+    return TensorDataset(fs.features.float(), fs.labels.long())
+
+
+class FeatureCache:
+    """The `cache` config group: when the case freezes the whole kept body, train on cached features.
+
+    Args:
+        enabled: False trains on images every epoch (the body runs every step).
+        dir: the folder of feature files (`paths.cache_dir`/features by default); safe to delete.
+        train_views: augmented views per training image (0: the un-augmented view only).
+        extraction: `auto` or a setting of `features.extract.EXTRACTIONS`.
+        batch_size: images per extraction batch.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        dir: str | Path = ".cache/features",
+        train_views: int = 0,
+        extraction: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        if isinstance(train_views, bool) or not isinstance(train_views, int) or train_views < 0:
+            raise ConfigError(
+                f"cache.train_views={train_views!r} must be 0 (no augmentation) or a positive integer"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"cache.batch_size={batch_size!r} must be a positive integer")
+        resolve_extraction(extraction, torch.device("cpu"))  # unknown names fail now, not after minutes
+        self.enabled = enabled
+        self.store = FeatureStore(dir)
+        self.train_views = train_views
+        self.extraction = extraction
+        self.batch_size = batch_size
+
+    def applies_to(self, body: StagedBody) -> bool:
+        return bool(self.enabled) and body.fully_frozen
+
+    def wrap(self, images: Any, body: StagedBody) -> Any:
+        """The data module to train on: cached features when they apply, else `images` itself."""
+        if not self.applies_to(body):
+            return images
+        return CachedFeatureDataModule(
+            images, body, self.store, self.train_views, self.extraction, self.batch_size
+        )

@@ -1,0 +1,130 @@
+"""Feature files on disk: one file per cache key, written atomically, checked when read.
+
+A file holds `{"format", "key", "parts", "features", "labels", "digest"}` (tensors, strings and numbers
+only, so it loads with `torch.load(weights_only=True)`). `digest` is a SHA-256 of the tensors: a file that
+was truncated, overwritten or damaged is detected on load and rebuilt, never used. Builds are serialised
+per key with a file lock, so two runs (a multirun, DDP ranks) never build the same file twice at once
+and never read a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from transfer_cases.digest import tensor_digest
+from transfer_cases.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "transfer-cases-features/1"
+
+
+@dataclass
+class FeatureSet:
+    """Pooled features of one split (and view) with their labels.
+
+    `features` is (N, C), or (N, V, C) for V augmented views of each training image.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def digest(self) -> str:
+        return tensor_digest([("features", self.features), ("labels", self.labels)])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of everything that changes the features."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FeatureStore:
+    """A folder of feature files named by their cache key."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key[:32]}.pt"
+
+    def load(self, key: str) -> FeatureSet | None:
+        """The stored features for `key`, or None when absent or unusable (then it is rebuilt)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            fs = FeatureSet(obj["features"], obj["labels"])
+            ok = obj.get("format") == FORMAT and obj.get("key") == key and obj.get("digest") == fs.digest()
+        except Exception as e:  # a truncated zip, a pickle error, a missing field: all mean "rebuild"
+            log.warning(
+                "feature cache file %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e
+            )
+            return None
+        if not ok:
+            log.warning("feature cache file %s does not match its key or checksum; rebuilding it", path)
+            return None
+        return fs
+
+    def save(self, key: str, fs: FeatureSet, parts: dict[str, Any]) -> Path:
+        """Write atomically: a temp file in the same folder, then `os.replace` (readers see old or new)."""
+        path = self.path(key)
+        payload = {
+            "format": FORMAT,
+            "key": key,
+            "parts": json.dumps(parts, sort_keys=True, default=str),
+            "features": fs.features,
+            "labels": fs.labels,
+            "digest": fs.digest(),
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.stem}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache must be readable
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def get_or_build(
+        self, parts: dict[str, Any], build: Callable[[], FeatureSet]
+    ) -> tuple[FeatureSet, bool, Path]:
+        """`(features, hit, path)`: the stored features for `parts`, built (once, under a lock) if needed."""
+        key = cache_key(parts)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot create the feature cache folder {self.root} ({e.strerror}); "
+                "set paths.cache_dir to a writable folder, or turn the cache off with cache.enabled=false"
+            ) from None
+        fs = self.load(key)
+        if fs is not None:
+            return fs, True, self.path(key)
+        with FileLock(str(self.root / f".{key[:32]}.lock")):
+            fs = self.load(key)  # another process may have built it while this one waited
+            if fs is not None:
+                return fs, True, self.path(key)
+            fs = build()
+            return fs, False, self.save(key, fs, parts)
