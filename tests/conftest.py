@@ -70,6 +70,8 @@ def compose_train(tmp_path: Path) -> Callable[..., DictConfig]:
 
     def _compose(*overrides: str, config_name: str = "train") -> DictConfig:
         GlobalHydra.instance().clear()
+        # Feature caches of tests go to the test's folder, never to the working directory.
+        overrides = (f"paths.cache_dir={tmp_path / 'cache'}", *overrides)
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):

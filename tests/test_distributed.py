@@ -51,6 +51,12 @@ def test_ddp_cpu_two_processes(tmp_path: Path, image_folder: Path, case: str) ->
         val_epochs = [r["epoch"] for r in csv.DictReader(f) if r.get("val/acc")]
     assert val_epochs == ["0", "1"]
     assert list(run_dirs[0].rglob("metrics.csv")) == [run_dirs[0] / "csv" / "metrics.csv"]
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    if case.startswith("small"):  # fully frozen: both ranks trained on features extracted once
+        assert set(summary["feature_cache"]["files"]) == {"train", "val"}
+        assert len(list((tmp_path / ".cache" / "features").glob("*.pt"))) == 2
+    else:
+        assert summary["feature_cache"] is None
 
 
 @pytest.mark.parametrize("case", CASES)

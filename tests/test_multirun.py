@@ -42,6 +42,32 @@ def test_multirun_glob_runs_the_four_cases_in_their_own_directories(
     assert sorted(found) == sorted(
         f"{i}_{c}" for i, c in enumerate(sorted(CASES))
     )  # Hydra sorts glob matches
+    # The fully frozen cases trained on cached features; the fine-tuning cases on images.
+    for s in found.values():
+        cache = s["feature_cache"]
+        if s["case"].startswith("small"):
+            assert {f["hit"] for f in cache["files"].values()} == {False}, s["case"]  # built once each
+        else:
+            assert cache is None, s["case"]
+
+
+def test_a_sweep_of_head_settings_extracts_the_features_once(tmp_path: Path, image_folder: Path) -> None:
+    sweep = tmp_path / "sweep"
+    run = run_cli(
+        "transfer-train",
+        "-m",
+        "model.optimizer.lr=0.01,0.1,0.001",
+        *QUIET,
+        f"data.root={image_folder}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    hits = [
+        sorted(f["hit"] for f in s["feature_cache"]["files"].values()) for s in summaries(sweep).values()
+    ]
+    assert hits == [[False, False], [True, True], [True, True]]
+    assert len(list((tmp_path / ".cache" / "features").glob("*.pt"))) == 2  # train and val
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path, image_folder: Path) -> None:

@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_time_s": round(train_time, 2),
         "epochs": trainer.current_epoch,
         "params": module.parameter_counts(),
+        "feature_cache": getattr(datamodule, "report", None),
         "output_dir": str(cfg.paths.output_dir),
     }
 
