@@ -63,9 +63,7 @@ def test_a_sweep_of_head_settings_extracts_the_features_once(tmp_path: Path, ima
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    hits = [
-        sorted(f["hit"] for f in s["feature_cache"]["files"].values()) for s in summaries(sweep).values()
-    ]
+    hits = [sorted(f["hit"] for f in s["feature_cache"]["files"].values()) for s in summaries(sweep).values()]
     assert hits == [[False, False], [True, True], [True, True]]
     assert len(list((tmp_path / ".cache" / "features").glob("*.pt"))) == 2  # train and val
 
