@@ -17,32 +17,18 @@ on-line augmentation; with a frozen body and a linear head, the gain is usually 
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from transfer_cases.backbones.staged import StagedBody
-from transfer_cases.digest import tensor_digest
 from transfer_cases.errors import ConfigError, DataError
-from transfer_cases.features.extract import extract, resolve_extraction
+from transfer_cases.features.cached import cached_features
+from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureSet, FeatureStore
-
-log = logging.getLogger(__name__)
-
-# Bumped when the meaning of a stored file changes, so older files are never read as current ones.
-FEATURES_VERSION = 1
-STORED_DTYPE = torch.float16  # pooled features are small numbers; half the disk and memory
-
-
-def body_fingerprint(body: StagedBody) -> str:
-    """Structure and every weight and buffer of the kept body: a different cut, architecture or
-    weights file gives a different value."""
-    return tensor_digest([(f"repr:{body!r}", torch.empty(0)), *body.state_dict().items()])
 
 
 class CachedFeatureDataModule(L.LightningDataModule):
@@ -100,43 +86,22 @@ class CachedFeatureDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         numerics = resolve_extraction(self.extraction, device)
-        common = {
-            "version": FEATURES_VERSION,
-            "body": body_fingerprint(self.body),
-            "extraction": numerics.name,
-            "stored_dtype": str(STORED_DTYPE),
-        }
         self.report = {"extraction": numerics.name, "dir": str(self.store.root), "files": {}}
 
         def features(split: str, dataset: Dataset, view: int | None) -> FeatureSet:
-            parts = {
-                **common,
-                "split": split,
-                "data": dataset.fingerprint(),
-                "transform": repr(dataset.transform),
-                "view": view,
-                "seed": None if view is None else self.images.seed,
-            }
             label = split if view is None else f"{split} view {view + 1}/{self.train_views}"
-
-            def build() -> FeatureSet:
-                # Augmented view v draws its crops from its own seeded stream (in the workers, or here
-                # when there are none), without moving the global RNG that training uses next.
-                seed = int(np.random.SeedSequence([self.images.seed, 3, view or 0]).generate_state(1)[0])
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    f, y = extract(
-                        self.body,
-                        self._loader(dataset, torch.Generator().manual_seed(seed)),
-                        device,
-                        numerics,
-                        desc=f"extracting {label} features ({numerics.name})",
-                        total=len(dataset),
-                    )
-                return FeatureSet(f.to(STORED_DTYPE), y)
-
-            fs, hit, path = self.store.get_or_build(parts, build)
-            log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path)
+            fs, hit, path = cached_features(
+                self.store,
+                self.body,
+                dataset,
+                device=device,
+                numerics=numerics,
+                batch_size=self.batch_size,
+                num_workers=self.images.num_workers,
+                view=view,
+                seed=self.images.seed,
+                label=f"extracting {label} features",
+            )
             self.report["files"][label] = {"path": str(path), "hit": hit}
             return fs
 
@@ -156,17 +121,6 @@ class CachedFeatureDataModule(L.LightningDataModule):
         clean = copy.copy(dataset)
         clean.transform = self.images.predict_transform()
         return clean
-
-    def _loader(self, dataset: Dataset, generator: torch.Generator) -> DataLoader:
-        """Extraction batches in dataset order (the generator seeds the workers' transforms)."""
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.images.num_workers,
-            generator=generator,
-            pin_memory=torch.cuda.is_available(),
-        )
 
     # -- loaders over the cached tensors (in memory: no workers needed) ---------------------------
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,86 @@
+"""Features of one data set through one body: loaded from the store, or extracted once and stored.
+
+The cache key holds everything that changes the features: the body's structure and every weight and
+buffer (so the architecture, the cut and the weights file), the data (file paths, sizes, modification
+times and the chosen subset), the transform (preprocessing, image size, augmentation settings), the
+augmented view and its seed, and the numerics of the extraction pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transfer_cases.digest import tensor_digest
+from transfer_cases.features.extract import Extraction, extract
+from transfer_cases.features.store import FeatureSet, FeatureStore
+
+log = logging.getLogger(__name__)
+
+# Bumped when the meaning of a stored file changes, so older files are never read as current ones.
+FEATURES_VERSION = 1
+STORED_DTYPE = torch.float16  # pooled features are small numbers; half the disk and memory
+
+
+def body_fingerprint(body: nn.Module) -> str:
+    """Structure and every weight and buffer: a different cut, architecture or weights file differs."""
+    return tensor_digest([(f"repr:{body!r}", torch.empty(0)), *body.state_dict().items()])
+
+
+def cached_features(
+    store: FeatureStore,
+    body: nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device,
+    numerics: Extraction,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    view: int | None = None,
+    seed: int = 0,
+    label: str = "features",
+) -> tuple[FeatureSet, bool, Path]:
+    """`(features, hit, path)` of `dataset` (an image dataset with `fingerprint()` and `transform`).
+
+    `view` None means the dataset's images as its transform gives them once; an integer is augmented
+    view number `view`, whose random crops come from their own stream seeded by (`seed`, `view`), so a
+    view is the same file run after run.
+    """
+    parts = {
+        "version": FEATURES_VERSION,
+        "body": body_fingerprint(body),
+        "extraction": numerics.name,
+        "stored_dtype": str(STORED_DTYPE),
+        "data": dataset.fingerprint(),
+        "transform": repr(dataset.transform),
+        "view": view,
+        "seed": None if view is None else seed,
+    }
+
+    def build() -> FeatureSet:
+        # The transforms draw from this stream (in the workers, or here when there are none), without
+        # moving the global RNG that training uses next.
+        stream = int(np.random.SeedSequence([seed, 3, view or 0]).generate_state(1)[0])
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(stream),
+            pin_memory=device.type == "cuda",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream)
+            desc = f"{label} ({numerics.name})"
+            f, y = extract(body, loader, device, numerics, desc=desc, total=len(dataset))
+        return FeatureSet(f.to(STORED_DTYPE), y)
+
+    fs, hit, path = store.get_or_build(parts, build)
+    log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path)
+    return fs, hit, path
