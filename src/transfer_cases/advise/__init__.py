@@ -5,6 +5,7 @@ pooled features of every stage (pretrained and a random control); `decide` turns
 samples per class into an `Advice`; `write_advice` / `print_advice` show it.
 """
 
+from transfer_cases.advise.advisor import Advisor, advise_from_config
 from transfer_cases.advise.decide import Advice, decide
 from transfer_cases.advise.logme import h_score, logme, logme_details
 from transfer_cases.advise.probe import ProbeResult, linear_probe_accuracy
@@ -13,8 +14,10 @@ from transfer_cases.advise.scores import StageScores, score_stages
 
 __all__ = [
     "Advice",
+    "Advisor",
     "ProbeResult",
     "StageScores",
+    "advise_from_config",
     "decide",
     "h_score",
     "linear_probe_accuracy",

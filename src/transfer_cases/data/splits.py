@@ -29,6 +29,9 @@ class Stream(IntEnum):
     SHUFFLE = 0  # order of the train batches (a torch generator seeded with the seed itself)
     VAL_SPLIT = 1  # which train images are held out for val, when the data has no val split
     SUBSAMPLE = 2  # which train images `samples_per_class` keeps
+    AUGMENT_VIEW = 3  # the random crops of a cached augmented view (with the view number)
+    ADVISOR_SUBSET = 4  # which train images the advisor looks at
+    RANDOM_CONTROL = 5  # the random initialisation of the advisor's control network
 
 
 def rng(seed: int, stream: Stream) -> np.random.Generator:

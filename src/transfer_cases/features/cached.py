@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transfer_cases.data.splits import Stream
 from transfer_cases.digest import tensor_digest
 from transfer_cases.features.extract import Extraction, extract
 from transfer_cases.features.store import FeatureSet, FeatureStore
@@ -66,7 +67,7 @@ def cached_features(
     def build() -> FeatureSet:
         # The transforms draw from this stream (in the workers, or here when there are none), without
         # moving the global RNG that training uses next.
-        stream = int(np.random.SeedSequence([seed, 3, view or 0]).generate_state(1)[0])
+        stream = int(np.random.SeedSequence([seed, int(Stream.AUGMENT_VIEW), view or 0]).generate_state(1)[0])
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

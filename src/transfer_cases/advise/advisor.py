@@ -1,0 +1,170 @@
+"""The advisor end to end: the data's counts, pooled features at every stage of the pretrained body
+and of a random control (one pass each, cached), scores per stage, and the decision.
+
+Cost: two inference passes over at most `max_per_class` training images per class (the pretrained
+body and the random control), then seconds of scoring; with a warm cache, only the scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transfer_cases.advise.decide import DEFAULT_SMALL_MAX_PER_CLASS, DEFAULT_THRESHOLD_SOURCE, Advice, decide
+from transfer_cases.advise.scores import score_stages
+from transfer_cases.backbones.staged import StagedBody
+from transfer_cases.config import instantiate_clean, to_dict
+from transfer_cases.data.splits import Stream, rng
+from transfer_cases.errors import ConfigError
+from transfer_cases.features.cached import cached_features
+from transfer_cases.features.extract import EXTRACTIONS, resolve_extraction
+from transfer_cases.features.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+class AllStages(nn.Module):
+    """The pooled features after every stage, concatenated (one pass), for caching as one matrix."""
+
+    def __init__(self, body: StagedBody) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.body.stage_features(x), dim=1)
+
+
+class Advisor:
+    """The `advisor` config group: which case, cut and freezing fit the data, without training.
+
+    Args:
+        max_per_class: training images per class the advisor extracts (a seeded subset; all if fewer).
+        folds: cross-validation folds of the linear probe.
+        small_max_per_class: median training images per class below which the data is "small".
+        threshold_source: where `small_max_per_class` comes from (shown with the advice).
+        random_control: also score a randomly initialised copy (tells "different" from "unrelated").
+        seed: drives the subset and the control's initialisation.
+    """
+
+    def __init__(
+        self,
+        max_per_class: int = 100,
+        folds: int = 5,
+        small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS,
+        threshold_source: str = DEFAULT_THRESHOLD_SOURCE,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("max_per_class", max_per_class), ("folds", folds)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ConfigError(f"advisor.{name}={value!r} must be an integer of at least 2")
+        self.max_per_class = max_per_class
+        self.folds = folds
+        self.small_max_per_class = small_max_per_class
+        self.threshold_source = threshold_source
+        self.seed = seed
+
+    def advise(
+        self,
+        images: Any,
+        backbone: dict[str, Any],
+        store: FeatureStore,
+        *,
+        extraction: str = "auto",
+        device: torch.device | None = None,
+    ) -> tuple[Advice, dict[str, float]]:
+        """`(advice, timings)` for an image data module and a backbone config (`_target_` dict)."""
+        device = device or torch.device("cpu")
+        start = time.perf_counter()
+        pretrained = instantiate_clean(backbone).build(pretrained=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng(self.seed, Stream.RANDOM_CONTROL).integers(2**31)))
+            control = instantiate_clean(backbone).build(pretrained=False)
+        images.preprocess = pretrained.preprocess
+        images.setup("fit")
+        train = images.train_dataset
+        labels = np.asarray(train.labels)
+        counts = {name: int((labels == i).sum()) for i, name in enumerate(images.classes)}
+        subset = self._subset(train, images.predict_transform())
+        numerics = resolve_extraction(extraction, device)
+        # fp16 has no range for a random network's activations; bf16 and fp32 do.
+        control_numerics = EXTRACTIONS["channels_last"] if numerics.autocast == torch.float16 else numerics
+        timings = {"setup_s": time.perf_counter() - start}
+
+        feats = {}
+        for name, body, num in (("pretrained", pretrained, numerics), ("random", control, control_numerics)):
+            t = time.perf_counter()
+            body.freeze(body.depth)  # eval mode and no gradients for good
+            fs, hit, _ = cached_features(
+                store,
+                AllStages(body),
+                subset,
+                device=device,
+                numerics=num,
+                num_workers=images.num_workers,
+                label=f"advisor: every stage of the {name} body",
+            )
+            feats[name] = np.split(fs.features.float().numpy(), np.cumsum(body.widths)[:-1], axis=1)
+            y = fs.labels.numpy()
+            timings[f"extract_{name}_s"] = time.perf_counter() - t
+            timings[f"extract_{name}_cache_hit"] = float(hit)
+        t = time.perf_counter()
+        stages = score_stages(
+            feats["pretrained"],
+            feats["random"],
+            y,
+            strides=pretrained.strides,
+            folds=self.folds,
+            seed=self.seed,
+        )
+        advice = decide(
+            counts,
+            stages,
+            len(images.classes),
+            small_max_per_class=self.small_max_per_class,
+            threshold_source=self.threshold_source,
+        )
+        timings["score_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - start
+        timings["images"] = float(len(subset))
+        return advice, timings
+
+    def _subset(self, train: Any, transform: Any) -> Any:
+        """At most `max_per_class` training images per class, through the eval transform."""
+        labels = np.asarray(train.labels)
+        generator = rng(self.seed, Stream.ADVISOR_SUBSET)
+        keep = np.sort(
+            np.concatenate(
+                [
+                    generator.permutation(np.flatnonzero(labels == c))[: self.max_per_class]
+                    for c in np.unique(labels)
+                ]
+            )
+        )
+        subset = copy.copy(train)
+        subset.indices = np.asarray(train.indices)[keep]
+        subset.transform = transform
+        return subset
+
+
+def advise_from_config(cfg: Any) -> tuple[Advice, dict[str, float]]:
+    """The advice for a composed `train.yaml`/`advise.yaml` config: its data, backbone, cache folder
+    and extraction setting; on the GPU when the trainer would use one."""
+    advisor: Advisor = instantiate_clean(cfg.advisor)
+    images = instantiate_clean(cfg.data)
+    cache = cfg.get("cache") or {}
+    store = FeatureStore(cache.get("dir") or f"{cfg.paths.cache_dir}/features")
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return advisor.advise(
+        images,
+        to_dict(cfg.backbone),
+        store,
+        extraction=cache.get("extraction", "auto"),
+        device=torch.device("cuda" if cuda else "cpu"),
+    )

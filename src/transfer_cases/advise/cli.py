@@ -1,0 +1,47 @@
+"""`transfer-advise [overrides]`: which case for my data? Same overrides as `transfer-train`.
+
+Prints the evidence per stage, the reasoning and the exact `transfer-train` command; writes
+`advice.json` and `advice.png` to the run directory (outputs/advise/runs/<time>/).
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from transfer_cases.advise.advisor import advise_from_config
+from transfer_cases.advise.report import print_advice, write_advice
+from transfer_cases.cli import console, friendly_errors
+from transfer_cases.config import register_resolvers
+from transfer_cases.paths import config_dir
+
+
+def user_overrides() -> list[str]:
+    """The command line's overrides, for the printed `transfer-train` command (Hydra's own left out)."""
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "hydra/"))]
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="advise")
+@friendly_errors
+def _main(cfg: DictConfig) -> None:
+    advice, timings = advise_from_config(cfg)
+    extra = user_overrides()
+    print_advice(advice, extra, console=console)
+    paths = write_advice(advice, cfg.paths.output_dir, extra_overrides=extra, timings=timings)
+    console.print(
+        f"\n{timings['images']:.0f} images, {timings['total_s']:.1f} s; "
+        f"advice in {paths['json']}, chart in {paths['chart']}",
+        soft_wrap=True,
+    )
+
+
+def main() -> None:
+    register_resolvers()
+    _main()
+
+
+if __name__ == "__main__":
+    main()
