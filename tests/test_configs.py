@@ -33,8 +33,8 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-def test_case_group_has_exactly_the_four_cases() -> None:
-    assert options("case") == sorted(CASES)
+def test_case_group_has_the_four_cases_and_auto() -> None:
+    assert options("case") == sorted([*CASES, "auto"])
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -92,7 +92,7 @@ def test_one_class_only(compose_train: Callable[..., DictConfig], tmp_path: Path
 def test_corrupt_image_names_the_file(compose_train: Callable[..., DictConfig], image_folder: Path) -> None:
     bad = image_folder / "train" / "a" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    _, dm = build(compose_train(*TINY_OVERRIDES, f"data.root={image_folder}"))
+    _, dm = build(compose_train(*TINY_OVERRIDES, f"data.root={image_folder}", "cache.enabled=false"))
     dm.setup()
     index = [
         i

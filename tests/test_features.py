@@ -3,6 +3,8 @@ and checkpoints trained on cached features that classify raw images exactly like
 
 from __future__ import annotations
 
+import errno
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -259,3 +261,29 @@ def test_every_split_is_served_with_its_labels(tmp_path: Path) -> None:
         feats = getattr(wrapped, f"{split}_dataset").tensors
         assert feats[0].shape == (len(getattr(dm, f"{split}_dataset")), module.backbone.out_features)
         assert torch.equal(feats[1], torch.as_tensor(getattr(dm, f"{split}_dataset").labels))
+
+
+def test_a_full_disk_for_the_cache_trains_on_the_features_in_memory(
+    setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, images, weights = setup
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with caplog.at_level(logging.WARNING):
+        _, dm = cached(root, images, weights)
+    assert dm.report["files"]["train"] == {"path": None, "hit": False}
+    assert len(dm.train_dataset) == len(dm.images.train_dataset)
+    assert "no space left on device" in caplog.text and "in memory" in caplog.text
+    assert not [p for p in (root / "cache").iterdir() if not p.name.endswith(".lock")]  # no partial file
+
+
+def test_feature_files_get_the_usual_file_mode(setup: tuple[Path, Path, Path]) -> None:
+    root, images, weights = setup
+    _, dm = cached(root, images, weights)
+    mode = Path(dm.report["files"]["train"]["path"]).stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # not mkstemp's 0600: a shared cache is readable by its group

@@ -29,7 +29,7 @@ def test_multirun_glob_runs_the_four_cases_in_their_own_directories(
     run = run_cli(
         "transfer-train",
         "-m",
-        "case=glob(*)",
+        "case=glob(*,exclude=auto)",
         *QUIET,
         f"data.root={image_folder}",
         f"hydra.sweep.dir={sweep}",

@@ -145,9 +145,9 @@ def test_copier_questions_follow_the_configs() -> None:
     questions = yaml.safe_load((ROOT / "copier.yml").read_text())
     backbones = sorted(p.stem for p in (ROOT / "configs" / "backbone").glob("*.yaml"))
     assert sorted(questions["default_backbone"]["choices"]) == backbones
-    assert tuple(questions["default_case"]["choices"]) == CASES
+    assert tuple(questions["default_case"]["choices"]) == (*CASES, "auto")
     cases = sorted(p.stem for p in (ROOT / "configs" / "case").glob("*.yaml"))
-    assert sorted(CASES) == cases
+    assert sorted([*CASES, "auto"]) == cases
     assert "{{" not in "".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
 
 

@@ -40,6 +40,7 @@ def atomic_write(
     except OSError as e:
         raise output_error(e, path, what, space_hint) from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -50,6 +51,12 @@ def atomic_write(
         if isinstance(e, OSError) and not isinstance(e, TransferCasesError):
             raise output_error(e, path, what, space_hint) from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str, *, what: str) -> None:

@@ -83,5 +83,5 @@ def cached_features(
         return FeatureSet(f.to(STORED_DTYPE), y)
 
     fs, hit, path = store.get_or_build(parts, build)
-    log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path)
+    log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path or "(not stored)")
     return fs, hit, path

@@ -102,7 +102,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 seed=self.images.seed,
                 label=f"extracting {label} features",
             )
-            self.report["files"][label] = {"path": str(path), "hit": hit}
+            self.report["files"][label] = {"path": path and str(path), "hit": hit}
             return fs
 
         train = self.images.train_dataset

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from transfer_cases.atomic import atomic_write
 from transfer_cases.digest import tensor_digest
-from transfer_cases.errors import ConfigError
+from transfer_cases.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,6 @@ class FeatureSet:
 
     def digest(self) -> str:
         return tensor_digest([("features", self.features), ("labels", self.labels)])
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -84,7 +77,7 @@ class FeatureStore:
         return fs
 
     def save(self, key: str, fs: FeatureSet, parts: dict[str, Any]) -> Path:
-        """Write atomically: a temp file in the same folder, then `os.replace` (readers see old or new)."""
+        """Write atomically (a temp file in the same folder, then a rename): readers see old or new."""
         path = self.path(key)
         payload = {
             "format": FORMAT,
@@ -94,23 +87,19 @@ class FeatureStore:
             "labels": fs.labels,
             "digest": fs.digest(),
         }
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache must be readable
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(
+            path,
+            lambda f: torch.save(payload, f),
+            what="feature cache file",
+            space_hint="free some space, or set paths.cache_dir to another disk (or cache.enabled=false)",
+        )
         return path
 
     def get_or_build(
         self, parts: dict[str, Any], build: Callable[[], FeatureSet]
-    ) -> tuple[FeatureSet, bool, Path]:
-        """`(features, hit, path)`: the stored features for `parts`, built (once, under a lock) if needed."""
+    ) -> tuple[FeatureSet, bool, Path | None]:
+        """`(features, hit, path)`: the stored features for `parts`, built (once, under a lock) if needed;
+        `path` is None when they could not be stored."""
         key = cache_key(parts)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -127,4 +116,9 @@ class FeatureStore:
             if fs is not None:
                 return fs, True, self.path(key)
             fs = build()
-            return fs, False, self.save(key, fs, parts)
+            try:
+                return fs, False, self.save(key, fs, parts)
+            except OutputError as e:
+                # The cache only saves time: a run whose features cannot be stored trains on them in memory.
+                log.warning("%s; training on the features in memory, without caching them", e)
+                return fs, False, None
