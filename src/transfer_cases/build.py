@@ -46,6 +46,7 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
     )
     if checkpoint:
         check_resumable(checkpoint, ckpt_path, module)
+        module.resume_phase = checkpoint.get("phase", "fit")
     # 3. the weights' preprocessing, pushed back into the data
     datamodule.preprocess = module.preprocess
     if cfg.get("cache"):

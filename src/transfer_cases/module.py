@@ -84,6 +84,10 @@ class TransferModule(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self._eval_mode_warning: warnings.catch_warnings | None = None
+        # "fit", or "probe" during LP-FT's head warm-up (see recipe.py); saved in checkpoints so that
+        # a resume restores the phase it was in (`resume_phase`, set by `build`).
+        self.phase = "fit"
+        self.resume_phase: str | None = None
 
     # -- forward (timm's names) ----------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,3 +231,4 @@ class TransferModule(L.LightningModule):
         # The state dict carries every weight: reloading must not need the original weights file
         # (or a download), so the saved config says not to load it.
         checkpoint["hyper_parameters"]["load_pretrained"] = False
+        checkpoint["phase"] = self.phase

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import hydra
@@ -13,44 +12,52 @@ from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from transfer_cases.advise.auto import resolve_auto_case
 from transfer_cases.atomic import find_user_error
 from transfer_cases.build import build
 from transfer_cases.checks import check_train_config
-from transfer_cases.cli import friendly_errors, instantiate_list, print_config, print_metrics
-from transfer_cases.config import instantiate_clean, register_resolvers
+from transfer_cases.cli import friendly_errors, print_config, print_metrics
+from transfer_cases.config import register_resolvers
+from transfer_cases.diagnose import collapse_warning
 from transfer_cases.paths import config_dir
+from transfer_cases.recipe import fit_phases
 from transfer_cases.summary import write_summary
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and test) the configured case; returns metrics, timings and the best checkpoint path."""
+    """Fit (and test) the configured case; returns metrics, timings and the best checkpoint path.
+
+    `case=auto` is resolved first (the advisor picks the case). A case with `probe_epochs` runs
+    LP-FT: a head-only fit on the frozen body (cached features), then the fine-tuning fit.
+    """
+    advice = resolve_auto_case(cfg)
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
-    trainer: L.Trainer = instantiate_clean(
-        cfg.trainer,
-        callbacks=instantiate_list(cfg.get("callbacks")),
-        logger=instantiate_list(cfg.get("logger")) or False,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    train_time = time.perf_counter() - start
+    trainer, phases = fit_phases(cfg, module, datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best_callback = _best_checkpoint_callback(trainer)
     best = best_callback.best_model_path if best_callback else ""
     if cfg.get("test") and datamodule.test_dataset is not None and not trainer.fast_dev_run:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    images = getattr(datamodule, "images", datamodule)  # under the feature cache, the image data
+    warnings = [w for w in [collapse_warning(metrics, images.val_dataset.labels)] if w]
+    for w in warnings:
+        log.warning(w)
     return {
         "metrics": metrics,
         "best_checkpoint": best,
         "best_score": float(best_callback.best_model_score or 0) if best else None,
-        "train_time_s": round(train_time, 2),
+        "train_time_s": round(sum(p["train_time_s"] for p in phases.values()), 2),
         "epochs": trainer.current_epoch,
+        "phases": phases,
         "params": module.parameter_counts(),
         "feature_cache": getattr(datamodule, "report", None),
+        "advice": advice.to_dict() if advice else None,
+        "warnings": warnings,
         "output_dir": str(cfg.paths.output_dir),
     }
 

@@ -6,6 +6,7 @@ samples per class into an `Advice`; `write_advice` / `print_advice` show it.
 """
 
 from transfer_cases.advise.advisor import Advisor, advise_from_config
+from transfer_cases.advise.auto import resolve_auto_case
 from transfer_cases.advise.decide import Advice, decide
 from transfer_cases.advise.logme import h_score, logme, logme_details
 from transfer_cases.advise.probe import ProbeResult, linear_probe_accuracy
@@ -25,6 +26,7 @@ __all__ = [
     "logme_details",
     "print_advice",
     "read_advice",
+    "resolve_auto_case",
     "score_stages",
     "train_command",
     "write_advice",

@@ -75,6 +75,7 @@ class StagedBody(nn.Module):
         self.preprocess = preprocess or Preprocess()
         self.name = name
         self.num_frozen = 0
+        self.bn_eval = False  # see set_bn_eval
         # (source, stages it held) when a saved body was loaded: `cut` refuses to keep more.
         self.loaded_from: tuple[str, int] | None = None
 
@@ -188,7 +189,18 @@ class StagedBody(nn.Module):
         if self.fully_frozen:
             self.pool.eval()
             self.neck.eval()
+        if self.bn_eval:
+            # Trainable BatchNorm layers normalise with the pretrained running statistics (and keep
+            # them); their affine weights still train.
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
+
+    def set_bn_eval(self, on: bool) -> None:
+        """`bn_mode: eval` of a case: every BatchNorm layer of the body stays in eval mode."""
+        self.bn_eval = on
+        self.train(self.training)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
