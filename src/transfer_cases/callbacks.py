@@ -3,7 +3,6 @@ leaves eval mode) and `MetricsHistory` (a resumed run keeps its metrics history)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,17 +11,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from transfer_cases.digest import tensor_digest
 from transfer_cases.loggers import HistoryCSVLogger
 from transfer_cases.module import TransferModule
 
 
 def frozen_digest(module: TransferModule) -> str:
     """SHA-256 of every parameter and buffer of the frozen prefix (BatchNorm statistics included)."""
-    h = hashlib.sha256()
-    for name, tensor in module.backbone.frozen_state().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensor_digest(module.backbone.frozen_state().items())
 
 
 class FreezeGuard(L.Callback):
@@ -33,7 +29,10 @@ class FreezeGuard(L.Callback):
     `on_train_start`, after every strategy has restored a resumed run's checkpoint (some, such as
     FSDP and DeepSpeed, restore it after `on_fit_start`). Under DDP it also
     checks that DDP was not asked to look for unused parameters (frozen ones are excluded up front).
-    With `report_dir`, each rank writes `freeze_guard_rank<N>.json` with its digests, for tests.
+    Each fit checks its own frozen prefix: LP-FT's probe phase the whole body, the fine-tuning phase
+    the case's prefix. With `bn_mode: eval`, every BatchNorm layer of the body must stay in eval mode.
+    With `report_dir`, each rank writes `freeze_guard_rank<N>.json` with its digests, for tests
+    (`freeze_guard_probe_rank<N>.json` for the probe phase).
     """
 
     def __init__(self, report_dir: str | None = None) -> None:
@@ -54,6 +53,10 @@ class FreezeGuard(L.Callback):
             raise RuntimeError(
                 "FreezeGuard: a frozen stage is in train mode; its BatchNorm statistics would move"
             )
+        if body.bn_eval and any(
+            m.training for m in body.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ):
+            raise RuntimeError("FreezeGuard: bn_mode=eval but a BatchNorm layer of the body is in train mode")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if frozen_digest(pl_module) != self.start_digest:
@@ -74,8 +77,11 @@ class FreezeGuard(L.Callback):
             "end": frozen_digest(pl_module),
             "find_unused_parameters": self.find_unused,
             "epochs": trainer.current_epoch,
+            "phase": pl_module.phase,
+            "frozen_stages": pl_module.backbone.num_frozen,
         }
-        (out / f"freeze_guard_rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=2))
+        name = "" if pl_module.phase == "fit" else f"{pl_module.phase}_"
+        (out / f"freeze_guard_{name}rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=2))
 
 
 class MetricsHistory(L.Callback):

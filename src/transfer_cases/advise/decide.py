@@ -15,6 +15,8 @@ The policy (every threshold is a parameter of `decide`):
   earlier stage is better. *unrelated* when even the peak is not better than the best stage of the
   randomly initialised control by more than `related_margin` or `related_sems` standard errors of
   the difference, whichever is larger: the pretrained weights bring nothing a random network does not.
+  A peak within `solved_margin` of perfect accuracy is never unrelated: those features already
+  separate the classes (an easy task that random features solve too).
 - **Case.** small & similar -> `small_similar`; small & different -> `small_different` cut after the
   best stage (`case.keep`); large & similar -> `large_similar`; large & different ->
   `large_different` (pretrained init); large & unrelated -> `large_different` with
@@ -40,6 +42,7 @@ DEFAULT_TIE_MARGIN = 0.01
 DEFAULT_TIE_SEMS = 1.0
 DEFAULT_RELATED_MARGIN = 0.01
 DEFAULT_RELATED_SEMS = 1.0
+DEFAULT_SOLVED_MARGIN = 0.02
 
 CASES = ("small_similar", "small_different", "large_similar", "large_different")
 
@@ -99,6 +102,7 @@ def decide(
     tie_sems: float = DEFAULT_TIE_SEMS,
     related_margin: float = DEFAULT_RELATED_MARGIN,
     related_sems: float = DEFAULT_RELATED_SEMS,
+    solved_margin: float = DEFAULT_SOLVED_MARGIN,
 ) -> Advice:
     """The case for data with `samples_per_class` whose stages scored `stages` (see the module doc).
 
@@ -150,7 +154,8 @@ def decide(
     noise = related_sems * math.hypot(peak.probe_pretrained_sem, control.probe_random_sem)
     margin = max(related_margin, noise)
     gain = peak.probe_pretrained - control.probe_random
-    if gain <= margin:
+    # Features that already separate the classes are not "unrelated", even if random ones do too.
+    if gain <= margin and peak.probe_pretrained < 1 - solved_margin:
         similarity = "unrelated"
         reasons.append(
             f"pretrained peak {peak.probe_pretrained:.3f} vs the random network's best "
