@@ -1,0 +1,113 @@
+"""The advisor end to end, from images through the real extraction and cache to the decision, on
+bodies whose answer is known by construction; `transfer-advise` and `case=auto` on the embedded data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from tests.conftest import TINY, write_image_folder
+from tests.test_configs import run_cli
+from transfer_cases.advise import Advisor, read_advice
+from transfer_cases.backbones.tiny import _TinyNet
+from transfer_cases.backbones.weights_file import save_weights_file
+from transfer_cases.data import ImageFolderDataModule
+from transfer_cases.features import FeatureStore
+from transfer_cases.train import train
+
+
+def dead_stages_weights(path: Path, dead: tuple[int, ...]) -> Path:
+    """A "pretrained" tiny CNN whose stages in `dead` output a constant (their convolutions are zero):
+    whatever the image, nothing about it survives those stages."""
+    torch.manual_seed(0)
+    state = _TinyNet(TINY["widths"]).state_dict()
+    for stage in dead:
+        state[f"features.{stage - 1}.0.weight"].zero_()
+    save_weights_file(path, state, arch="tiny_cnn", meta={}, half=False)
+    return path
+
+
+def advise(tmp_path: Path, dead: tuple[int, ...], **advisor: object):
+    images = tmp_path / "images"
+    if not images.exists():
+        write_image_folder(images, per_class=15)
+    weights = tmp_path / f"dead{''.join(map(str, dead))}.pt"
+    if not weights.exists():
+        dead_stages_weights(weights, dead)
+    dm = ImageFolderDataModule(images, batch_size=8, image_size=32)
+    return Advisor(**advisor).advise(dm, {**TINY, "weights": str(weights)}, FeatureStore(tmp_path / "cache"))
+
+
+def test_labels_that_survive_stage_2_but_not_the_last_stage_cut_at_stage_2(tmp_path: Path) -> None:
+    advice, timings = advise(tmp_path, dead=(3,))
+    probe = [s.probe_pretrained for s in advice.stages]
+    assert probe[1] >= 0.95 and probe[2] <= 0.7  # separable after stage 2, chance after stage 3
+    assert (advice.case, advice.keep, advice.freeze, advice.size) == ("small_different", 2, "all", "small")
+    assert "case.keep=2" in advice.overrides
+    assert timings["images"] == 30 and timings["extract_pretrained_cache_hit"] == 0.0
+    again, timings = advise(tmp_path, dead=(3,))  # a second look reads the cache
+    assert timings["extract_pretrained_cache_hit"] == 1.0 and timings["extract_random_cache_hit"] == 1.0
+    assert again.case == advice.case and again.keep == advice.keep
+
+
+def test_pretrained_features_that_carry_nothing_recommend_fine_tuning_or_scratch(tmp_path: Path) -> None:
+    small, _ = advise(tmp_path, dead=(1, 2, 3))
+    assert max(s.probe_pretrained for s in small.stages) <= 0.7  # every stage at chance
+    assert max(s.probe_random for s in small.stages) >= 0.9  # while random features see the colours
+    assert (small.similarity, small.case, small.init) == ("unrelated", "large_different", "pretrained")
+    assert any("too small" in w for w in small.warnings)
+    large, _ = advise(tmp_path, dead=(1, 2, 3), small_max_per_class=10)  # 15 per class is "large" now
+    assert (large.case, large.init, large.overrides) == (
+        "large_different",
+        "scratch",
+        ("case=large_different", "case.init=scratch"),
+    )
+
+
+def test_case_auto_trains_the_advised_case_on_the_embedded_data(
+    compose_train: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_train(
+        "case=auto",
+        "data.samples_per_class=20",
+        "trainer.max_epochs=3",
+        "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.model_summary=null",
+    )
+    result = train(cfg)
+    advice = result["advice"]
+    # Ants and bees are ImageNet classes, 20 per class is small: the full frozen pretrained body.
+    assert (advice["case"], advice["size"], advice["similarity"]) == ("small_similar", "small", "similar")
+    assert cfg.case.name == "small_similar" and cfg.case.freeze == "all"  # what was trained
+    assert result["params"]["trainable"] == 1280 * 2 + 2  # the head alone
+    assert result["feature_cache"]["files"]["train"]["hit"] is False  # trained on cached features
+    assert result["metrics"]["val/acc"] >= 0.85
+    assert read_advice(tmp_path / "run").case == "small_similar"  # advice.json beside the run
+
+
+def test_transfer_advise_prints_the_command_and_writes_its_files(tmp_path: Path) -> None:
+    weights = dead_stages_weights(tmp_path / "w.pt", dead=(3,))
+    images = write_image_folder(tmp_path / "images", per_class=15)
+    run = run_cli(
+        "transfer-advise",
+        "backbone=tiny_cnn",
+        f"backbone.weights={weights}",
+        "data=imagefolder",
+        f"data.root={images}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        f"hydra.run.dir={tmp_path / 'advice'}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        "transfer-train backbone=tiny_cnn" in run.stdout and "case=small_different case.keep=2" in run.stdout
+    )
+    record = json.loads((tmp_path / "advice" / "advice.json").read_text())
+    assert record["case"] == "small_different" and record["samples_per_class"] == {"a": 15, "b": 15}
+    assert record["timings"]["total_s"] > 0
+    assert (tmp_path / "advice" / "advice.png").read_bytes()[:4] == b"\x89PNG"
