@@ -21,11 +21,15 @@ install: $(STAMP)  ## create .venv and install the project with its dev extras
 train: $(STAMP)  ## the default job: small_similar, embedded MobileNetV2 + hymenoptera (ARGS="case=... ...")
 	$(BIN)/transfer-train $(ARGS)
 
-test: $(STAMP)  ## the fast test suite (a few minutes on 2 cores)
-	$(BIN)/python -m pytest -q $(ARGS)
+# Tests run in parallel (pytest-xdist), one torch thread per worker: two single-threaded workers beat
+# one two-threaded process on small tensors, and never oversubscribe the cores.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4
+
+test: $(STAMP)  ## the fast test suite (about 2 minutes on 2 cores)
+	$(PYTEST) $(ARGS)
 
 test-all: $(STAMP)  ## fast and slow tests
-	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+	$(PYTEST) -m "slow or not slow" $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src tests
