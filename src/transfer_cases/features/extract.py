@@ -1,7 +1,9 @@
 """One inference pass of a frozen body over a data set, in the fastest numerics that keep accuracy.
 
-`auto` picks per device type: bf16 autocast on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 with
-channels_last on other CPUs, fp16 autocast with channels_last on CUDA GPUs. `make bench` measures the
+`auto` picks per device type: bf16 autocast with channels_last on CPUs with native bf16 (AVX512-BF16
+or AMX), fp32 with channels_last on other CPUs, fp16 autocast with channels_last on CUDA GPUs.
+Measured on a 2-core AVX512-BF16 CPU, MobileNetV2 over 398 images at 224 px, model only:
+fp32 13.5 s, channels_last 7.7 s, bf16 6.2 s, bf16 with channels_last 3.7 s. `make bench` measures the
 settings side by side and checks that a head trained on the chosen features keeps its accuracy.
 """
 
@@ -49,7 +51,7 @@ def resolve_extraction(name: str, device: torch.device) -> Extraction:
         if device.type == "cuda":
             name = "fp16_channels_last"
         elif device.type == "cpu":
-            name = "bf16" if _cpu_has_native_bf16() else "channels_last"
+            name = "bf16_channels_last" if _cpu_has_native_bf16() else "channels_last"
         else:
             name = "fp32"
     if name not in EXTRACTIONS:
