@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 DEST ?=
 
-.PHONY: help install train test test-all lint format weights embed-data gpu-check matrix new clean
+.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix new clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,12 +32,12 @@ test-all: $(STAMP)  ## fast and slow tests
 	$(PYTEST) -m "slow or not slow" $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: $(STAMP)  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 weights: $(STAMP)  ## rebuild the embedded MobileNetV2 from the TF-Lite file in ../shared/data
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[convert]"
@@ -51,6 +51,9 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 	$(BIN)/transfer-train -m case=small_similar,small_different,large_similar,large_different \
 		callbacks.progress_bar.refresh_rate=0 hydra.sweep.dir=outputs/matrix $(ARGS)
 	$(BIN)/transfer-report outputs/matrix --out notebooks/results
+
+bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (~15 min)
+	$(BIN)/python bench/bench.py $(ARGS)
 
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
 	$(BIN)/python -m transfer_cases.tools.gpu_check $(ARGS)
