@@ -89,7 +89,14 @@ def load_weights_path(
     try:
         wf = load_weights_file(path)
     except Exception as e:
-        raise WeightsError(f"cannot read weights file {path}: {e}") from None
+        # torch's own messages for a file that is not a checkpoint ("101", "pop from empty list",
+        # "invalid load key") say nothing to a user: name the file, what it should be, and the fix.
+        raise WeightsError(
+            f"cannot read weights file {path}: it is not a PyTorch state dict or checkpoint "
+            f"({type(e).__name__}: {e}).\n"
+            "Set backbone.weights to a .pt/.pth/.safetensors file saved with torch.save(model.state_dict()) "
+            "(or a transfer-train checkpoint), or to null for random initialisation."
+        ) from None
     preprocess = Preprocess.from_dict({**(default or Preprocess()).to_dict(), **wf.meta})
     body_state = {k[len(BODY_PREFIX) :]: v for k, v in wf.state_dict.items() if k.startswith(BODY_PREFIX)}
     if body_state:
