@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 DEST ?=
 
-.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix new clean
+.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix matrix-real new clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 	$(BIN)/transfer-train -m case=small_similar,small_different,large_similar,large_different \
 		callbacks.progress_bar.refresh_rate=0 hydra.sweep.dir=outputs/matrix $(ARGS)
 	$(BIN)/transfer-report outputs/matrix --out notebooks/results
+
+matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto); ~1-2 h, resumable
+	$(BIN)/python -m transfer_cases.tools.matrix_real $(ARGS)
 
 bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (~15 min)
 	$(BIN)/python bench/bench.py $(ARGS)
