@@ -7,15 +7,18 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import DictConfig
 
 from tests.conftest import TINY, write_image_folder
 from tests.test_configs import run_cli
 from transfer_cases.advise import Advisor, read_advice
+from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.backbones.tiny import _TinyNet
 from transfer_cases.backbones.weights_file import save_weights_file
 from transfer_cases.data import ImageFolderDataModule
+from transfer_cases.errors import ConfigError, DataError
 from transfer_cases.features import FeatureStore
 from transfer_cases.train import train
 
@@ -111,3 +114,53 @@ def test_transfer_advise_prints_the_command_and_writes_its_files(tmp_path: Path)
     assert record["case"] == "small_different" and record["samples_per_class"] == {"a": 15, "b": 15}
     assert record["timings"]["total_s"] > 0
     assert (tmp_path / "advice" / "advice.png").read_bytes()[:4] == b"\x89PNG"
+
+
+BAD_ADVISOR = {
+    "max_per_class=1": (
+        {"max_per_class": 1},
+        r"advisor\.max_per_class=1 must be a whole number >= 2 \(each ",
+    ),
+    "folds=true": (
+        {"folds": True},
+        r"advisor\.folds=True must be a whole number >= 2 .*e\.g\. advisor\.folds=5",
+    ),
+    "folds=1": (
+        {"folds": 1},
+        r"advisor\.folds=1 must be a whole number >= 2 \(cross-validation holds one fold",
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", BAD_ADVISOR)
+def test_bad_advisor_settings_name_the_setting_and_a_valid_value(setting: str) -> None:
+    kwargs, message = BAD_ADVISOR[setting]
+    with pytest.raises(ConfigError, match=message):
+        Advisor(**kwargs)
+
+
+@pytest.mark.parametrize("data", ["missing_root", "one_class"])
+def test_advice_on_data_it_cannot_use_names_the_folder(
+    compose_train: Callable[..., DictConfig], tmp_path: Path, data: str
+) -> None:
+    root = tmp_path / "images"
+    if data == "one_class":
+        write_image_folder(root, classes=("cat",))
+    cfg = compose_train(
+        "backbone=tiny_cnn",
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=32",
+        config_name="advise",
+    )
+    # Refused while the data is scanned: before any body is built or any feature extracted.
+    with pytest.raises(DataError) as err:
+        advise_from_config(cfg)
+    message = str(err.value)
+    if data == "missing_root":
+        assert message.startswith(f"data folder not found: {root}; set data.root=")
+    else:
+        assert (
+            f"found 1 class folder(s) in {root / 'train'} (cat); a classifier needs at least two" in message
+        )
+    assert not (tmp_path / "cache").exists()

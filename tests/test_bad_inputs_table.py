@@ -28,14 +28,20 @@ class Collector:
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
+        self.skipped_files: set[str] = set()
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         self.ids.update(item.nodeid for item in items)
 
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        # A module skipped as a whole (tests/test_timm.py without the timm extra) collects no items.
+        if report.skipped and report.nodeid.endswith(".py"):
+            self.skipped_files.add(report.nodeid)
+
 
 def test_every_row_names_tests_that_exist() -> None:
     rows = table_rows()
-    assert len(rows) >= 40
+    assert len(rows) >= 100
     named = [TEST_ID.findall(row) for row in rows]
     assert all(named), [row for row, ids in zip(rows, named, strict=True) if not ids]
     wanted = {test_id for ids in named for test_id in ids}
@@ -50,4 +56,6 @@ def test_every_row_names_tests_that_exist() -> None:
         plugins=[collector],
     )
     assert code == pytest.ExitCode.OK
-    assert sorted(wanted - collector.ids) == []
+    # Rows of an optional extra cannot be checked where it is not installed (the module is skipped).
+    unchecked = {t for t in wanted if t.split("::")[0] in collector.skipped_files}
+    assert sorted(wanted - collector.ids - unchecked) == []

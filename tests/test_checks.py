@@ -49,6 +49,14 @@ BAD_VALUES = {
     "model.optimizer.weight_decay=-0.1": r"model\.optimizer\.weight_decay=-0\.1 must be a number >= 0",
     "model.label_smoothing=1.5": r"model\.label_smoothing=1\.5 must be a number >= 0 and < 1",
     "model.scheduler.T_max=0": r"model\.scheduler\.T_max=0 is not a whole number >= 1",
+    # trainer.max_epochs follows case.epochs: the message names the setting the user wrote.
+    "case.epochs=0": r"case\.epochs=0 is not a whole number >= 1 \(0 trains nothing.*e\.g\. case\.epochs=5",
+    "case.epochs=true": r"case\.epochs=True is not a whole number >= 1; e\.g\. case\.epochs=5",
+    "case.probe_epochs=-1": r"case\.probe_epochs must be a whole number >= 0, got -1",
+    "case.bn_mode=foo": r"case\.bn_mode must be 'train' or 'eval', got 'foo'",
+    "cache.train_views=-1": r"cache\.train_views=-1 must be 0 \(no augmentation\) or a positive integer .*"
+    r"e\.g\. cache\.train_views=0",
+    "cache.extraction=int8": r"cache\.extraction=int8 is not one of: auto, fp32, .*bf16",
 }
 
 
@@ -131,7 +139,15 @@ def test_hydra_run_dir_that_cannot_be_created_stops_before_hydra_makes_it(
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("freeze", True), ("keep", True), ("freeze", False), ("body_lr_scale", True)]
+    ("field", "value"),
+    [
+        ("freeze", True),
+        ("keep", True),
+        ("freeze", False),
+        ("body_lr_scale", True),
+        ("epochs", True),
+        ("probe_epochs", True),
+    ],
 )
 def test_case_booleans_are_rejected(field: str, value: bool) -> None:
     with pytest.raises(
@@ -148,6 +164,10 @@ CASE_VALUES = {
     ),
     "freeze=-1": ({"freeze": -1}, r"case\.freeze must be 'all', 'none' or a number of stages, got -1"),
     "body_lr_scale=-1": ({"body_lr_scale": -1}, r"case\.body_lr_scale must be a number >= 0, got -1"),
+    "epochs=0": ({"epochs": 0}, r"case\.epochs must be a whole number >= 1, got 0"),
+    "probe_epochs=-1": ({"probe_epochs": -1}, r"case\.probe_epochs must be a whole number >= 0, got -1"),
+    "bn_mode=foo": ({"bn_mode": "foo"}, r"case\.bn_mode must be 'train' or 'eval', got 'foo'"),
+    "name=auto": ({"name": "auto"}, r"case=auto is resolved by transfer-train, which runs the advisor first"),
 }
 
 
@@ -173,6 +193,20 @@ def test_case_boolean_from_the_command_line(
 ) -> None:
     with pytest.raises(ConfigError, match=r"case\.freeze=true is a boolean.*e\.g\. case\.freeze=all"):
         build(compose_train(*TINY_OVERRIDES, f"data.root={image_folder}", "case.freeze=true"))
+
+
+def test_case_auto_built_without_the_advisor_says_how_to_resolve_it(
+    compose_train: Callable[..., DictConfig], image_folder: Path
+) -> None:
+    # The auto case's fields are null until the advisor fills them in: the message must be about the
+    # missing advisor step, not about a null field (it said "case.body_lr_scale ... got None").
+    with pytest.raises(ConfigError) as err:
+        build(compose_train(*TINY_OVERRIDES, f"data.root={image_folder}", "case=auto"))
+    message = str(err.value)
+    assert "case=auto is resolved by transfer-train" in message
+    assert "resolve_auto_case(cfg) before build(cfg)" in message and "None" not in message
+    with pytest.raises(ConfigError, match="resolve_auto_case"):
+        Case.from_config(case_config("auto"))
 
 
 def test_case_keep_that_is_not_a_number() -> None:

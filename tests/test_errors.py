@@ -48,6 +48,32 @@ def test_missing_weights_file(tmp_path: Path) -> None:
         TorchvisionBackbone("mobilenet_v2", weights=str(tmp_path / "nothing.pt")).build()
 
 
+NOT_WEIGHTS = {
+    "text": lambda path: path.write_text("learning rate 1e-3, 10 epochs\n"),  # torch says only "101"
+    "garbage": lambda path: path.write_bytes(bytes(range(256)) * 4),
+    "a_list": lambda path: torch.save([1, 2, 3], path),  # a PyTorch file, but no state dict
+}
+
+
+@pytest.mark.parametrize("content", NOT_WEIGHTS)
+def test_weights_file_that_is_no_state_dict_names_the_file_and_the_fix(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "notes.pt"
+    NOT_WEIGHTS[content](path)
+    with pytest.raises(WeightsError) as err:
+        TransferModule(
+            backbone={**TINY, "weights": str(path)}, case=case_config("small_similar"), num_classes=2
+        )
+    message = str(err.value)
+    assert message.startswith(
+        f"cannot read weights file {path}: it is not a PyTorch state dict or checkpoint ("
+    )
+    assert (
+        "Set backbone.weights to a .pt/.pth/.safetensors file saved with torch.save(model.state_dict())"
+        in message
+    )
+    assert "or to null for random initialisation" in message
+
+
 def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(TorchvisionBackbone("resnet18", weights=None).build(pretrained=False).state_dict(), path)

@@ -155,19 +155,26 @@ def test_epoch_picks_the_view(setup: tuple[Path, Path, Path]) -> None:
         torch.testing.assert_close(got, module.head(feats[:, epoch % 2]))
 
 
-def test_a_corrupt_or_truncated_file_is_rebuilt(setup: tuple[Path, Path, Path]) -> None:
+def test_a_corrupt_or_truncated_file_is_rebuilt(
+    setup: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     root, images, weights = setup
     _, first = cached(root, images, weights)
     path = Path(first.report["files"]["train"]["path"])
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
-    _, second = cached(root, images, weights)
+    with caplog.at_level(logging.WARNING, logger="transfer_cases.features"):
+        _, second = cached(root, images, weights)
+    assert f"feature cache file {path} is unreadable (" in caplog.text and "rebuilding it" in caplog.text
     assert hits(second)["train"] is False
     assert torch.equal(second.train_dataset.tensors[0], first.train_dataset.tensors[0])
     # A readable file whose content does not match its checksum (bit rot, a foreign file) is rebuilt too.
     obj = torch.load(path, weights_only=True)
     obj["features"] = obj["features"] + 1
     torch.save(obj, path)
-    _, third = cached(root, images, weights)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transfer_cases.features"):
+        _, third = cached(root, images, weights)
+    assert f"feature cache file {path} does not match its key or checksum; rebuilding it" in caplog.text
     assert hits(third)["train"] is False
     assert torch.equal(third.train_dataset.tensors[0], first.train_dataset.tensors[0])
 

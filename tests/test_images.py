@@ -75,6 +75,7 @@ def test_high_bit_depth_modes_are_scaled_to_8_bit(mode: str, pixels: np.ndarray,
         ("F", np.array([[0.0, np.nan]], np.float32), r"float pixels must lie in 0\.\.1"),
         ("I", np.array([[-5, 70000]], np.int32), r"I pixels span -5\.\.70000, outside 16 bit"),
     ],
+    ids=["float_beyond_1", "float_nan", "int_beyond_16_bit"],
 )
 def test_pixels_that_cannot_be_interpreted_are_refused_naming_the_file(
     tmp_path: Path, mode: str, pixels: np.ndarray, reason: str

@@ -215,6 +215,7 @@ def test_random_init_and_scratch_need_no_weights() -> None:
         ("vit_tiny_patch16_224", "is not supported as a staged body"),
         ("resnet19x", "unknown timm model 'resnet19x'"),
     ],
+    ids=["vit_tiny_patch16_224", "resnet19x"],
 )
 def test_unsupported_or_unknown_timm_models_are_refused_by_name(name: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=rf"{reason}"):
@@ -246,6 +247,7 @@ class _NotAChain(nn.Module):
 @pytest.mark.parametrize(
     ("scale_between", "reason"),
     [(True, "stage 1 does not reproduce timm's feature map"), (False, "the full body does not reproduce")],
+    ids=["computes_between_stages", "computes_after_the_last"],
 )
 def test_a_model_that_is_not_a_chain_of_its_modules_is_refused(scale_between: bool, reason: str) -> None:
     with pytest.raises(ConfigError, match=rf"timm model 'fake' is not supported as a staged body: {reason}"):

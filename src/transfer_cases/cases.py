@@ -42,6 +42,13 @@ class Case:
     bn_mode: Literal["train", "eval"] = "train"
 
     def __post_init__(self) -> None:
+        # First: the auto case's fields are null until the advisor fills them in, so any other check
+        # would blame a field (body_lr_scale=None) instead of the missing advisor step.
+        if self.name == "auto":
+            raise ConfigError(
+                "case=auto is resolved by transfer-train, which runs the advisor first; from Python, call "
+                "transfer_cases.advise.resolve_auto_case(cfg) before build(cfg)"
+            )
         # YAML `true`/`false` are ints to Python: `freeze: true` would freeze one stage, `keep: true`
         # keep one. Say so instead.
         for key, meaning in (
@@ -87,11 +94,6 @@ class Case:
             )
         if self.bn_mode not in ("train", "eval"):
             raise ConfigError(f"case.bn_mode must be 'train' or 'eval', got {self.bn_mode!r}")
-        if self.name == "auto":
-            raise ConfigError(
-                "case=auto is resolved by transfer-train, which runs the advisor first; from Python, call "
-                "transfer_cases.advise.resolve_auto_case(cfg) before build(cfg)"
-            )
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Case:

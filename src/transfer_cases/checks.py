@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transfer_cases.errors import ConfigError, OutputError, TransferCasesError
 
@@ -19,10 +19,12 @@ from transfer_cases.errors import ConfigError, OutputError, TransferCasesError
 def check_train_config(cfg: DictConfig) -> None:
     """Everything `transfer-train` needs from its config before it builds a model."""
     trainer = cfg.trainer
+    # trainer.max_epochs follows case.epochs unless set: name the setting the user actually wrote.
+    key = "case.epochs" if _follows_case_epochs(trainer) else "trainer.max_epochs"
     positive_int(
         trainer.get("max_epochs"),
-        "trainer.max_epochs",
-        example="trainer.max_epochs=5",
+        key,
+        example=f"{key}=5",
         why={-1: " (-1 would train forever)", 0: " (0 trains nothing and leaves no checkpoint)"},
     )
     model = cfg.get("model") or {}
@@ -44,6 +46,14 @@ def check_eval_config(cfg: DictConfig) -> None:
     """What `transfer-eval` needs from its config before it loads the checkpoint."""
     check_accelerator(cfg.trainer)
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
+
+
+def _follows_case_epochs(trainer: DictConfig) -> bool:
+    """Whether `trainer.max_epochs` is still the `${case.epochs}` interpolation of train.yaml."""
+    if not isinstance(trainer, DictConfig) or "max_epochs" not in trainer:
+        return False
+    raw = OmegaConf.to_container(trainer, resolve=False).get("max_epochs")
+    return isinstance(raw, str) and raw.replace(" ", "") == "${case.epochs}"
 
 
 def positive_int(value: Any, key: str, *, example: str, why: dict[int, str] | None = None) -> int:

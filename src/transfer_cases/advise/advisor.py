@@ -60,9 +60,15 @@ class Advisor:
         threshold_source: str = DEFAULT_THRESHOLD_SOURCE,
         seed: int = 0,
     ) -> None:
-        for name, value in (("max_per_class", max_per_class), ("folds", folds)):
+        for name, value, why, example in (
+            ("max_per_class", max_per_class, "each class needs an image to fit and one to hold out", 100),
+            ("folds", folds, "cross-validation holds one fold out and fits on the others", 5),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise ConfigError(f"advisor.{name}={value!r} must be an integer of at least 2")
+                raise ConfigError(
+                    f"advisor.{name}={value!r} must be a whole number >= 2 ({why}); "
+                    f"e.g. advisor.{name}={example}"
+                )
         self.max_per_class = max_per_class
         self.folds = folds
         self.small_max_per_class = small_max_per_class

@@ -166,10 +166,14 @@ class FeatureCache:
     ) -> None:
         if isinstance(train_views, bool) or not isinstance(train_views, int) or train_views < 0:
             raise ConfigError(
-                f"cache.train_views={train_views!r} must be 0 (no augmentation) or a positive integer"
+                f"cache.train_views={train_views!r} must be 0 (no augmentation) or a positive integer "
+                "(augmented views per training image); e.g. cache.train_views=0"
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"cache.batch_size={batch_size!r} must be a positive integer")
+            raise ConfigError(
+                f"cache.batch_size={batch_size!r} must be a positive integer (images per extraction batch); "
+                "e.g. cache.batch_size=64"
+            )
         resolve_extraction(extraction, torch.device("cpu"))  # unknown names fail now, not after minutes
         self.enabled = enabled
         self.store = FeatureStore(dir)
