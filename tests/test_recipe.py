@@ -169,13 +169,18 @@ def test_bn_mode_eval_keeps_batchnorm_statistics_while_the_body_trains(
 def test_collapse_warning_names_chance_and_the_causes() -> None:
     labels = np.array([0] * 50 + [1] * 50)
     message = collapse_warning({"train/acc": 1.0, "val/acc": 0.48}, labels)
-    assert message and "near chance (0.500" in message and "transfer-advise" in message
+    assert message and "close to chance (0.500" in message and "transfer-advise" in message
     assert "bn_mode=eval" in message
     assert collapse_warning({"train/acc": 1.0, "val/acc": 0.9}, labels) is None  # generalises
     assert collapse_warning({"train/acc": 0.6, "val/acc": 0.5}, labels) is None  # learned nothing at all
     skewed = np.array([0] * 90 + [1] * 10)  # always answering class 0 scores 0.9
     assert collapse_warning({"train/acc": 1.0, "val/acc": 0.9}, skewed) is not None
+    assert collapse_warning({"train/acc": 1.0, "val/acc": 1.0}, skewed) is None  # perfect is not chance
     assert collapse_warning({"train/acc": 1.0, "val/acc": 0.9}, labels) is None
+    # Ten classes: 23 % is 13 points above chance, but keeps 15 % of what training learned over it.
+    ten = np.repeat(np.arange(10), 10)
+    assert collapse_warning({"train/acc": 0.975, "val/acc": 0.228}, ten) is not None
+    assert collapse_warning({"train/acc": 0.75, "val/acc": 0.425}, ten) is None  # half the gain kept
 
 
 def test_a_collapsed_run_says_so_in_its_summary(
