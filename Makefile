@@ -52,7 +52,7 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 		callbacks.progress_bar.refresh_rate=0 hydra.sweep.dir=outputs/matrix $(ARGS)
 	$(BIN)/transfer-report outputs/matrix --out notebooks/results
 
-matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto); ~1-2 h, resumable
+matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto, LP-FT); ~1.5 h, resumable
 	$(BIN)/python -m transfer_cases.tools.matrix_real $(ARGS)
 
 bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (~15 min)

@@ -4,7 +4,7 @@ Embedded ImageNet MobileNetV2 x {CIFAR-10 (similar to ImageNet), MNIST (differen
 large} x the four cases, plus `case=auto` (the advisor, then the case it picks). Every run is a real
 `transfer-train` process with the case's own defaults; the score is the test-set accuracy of the
 best-by-validation checkpoint. Runs already finished (summary.json with status ok) are skipped, so
-an interrupted matrix resumes where it stopped. Long (about an hour on 2 CPU cores): not a test.
+an interrupted matrix resumes where it stopped. Long (about 1.5 h on 2 CPU cores): not a test.
 
     python -m transfer_cases.tools.matrix_real            # run what is missing, then report
     python -m transfer_cases.tools.matrix_real --dry-run  # list the runs and their commands
