@@ -99,3 +99,26 @@ def test_dry_run_lists_runs_and_their_state(tmp_path: Path, capsys: pytest.Captu
     )
     out = capsys.readouterr().out
     assert out.startswith("[done] mnist_small/small_similar/seed0: transfer-train data=mnist")
+
+
+def test_merge_fills_missing_run_folders_from_an_earlier_report_and_new_runs_win(tmp_path: Path) -> None:
+    cell = mr.Cell("mnist", "small", 20, (0,))
+    runs = mr.plan([cell], variants=False)
+    fresh = mr.Run(cell, "auto", 0)
+    _fake_run(tmp_path, fresh, 0.9, wall=5.0, picked="small_different")  # re-run here
+    earlier = [
+        {"cell": cell.name, "case": r.case, "seed": 0, "test_acc": 0.5, "wall_s": 9.0} for r in runs
+    ] + [{"cell": "other_cell", "case": "auto", "seed": 0, "test_acc": 0.1}]  # not planned: dropped
+    rows = mr.merged_rows(runs, tmp_path, earlier)
+    assert [(r["case"], r["test_acc"]) for r in rows] == [(r.case, 0.9 if r == fresh else 0.5) for r in runs]
+    assert rows[[r.case for r in runs].index("auto")]["picked"] == "small_different"
+
+
+def test_only_limits_what_runs_not_what_the_report_covers(tmp_path: Path) -> None:
+    earlier = json.loads((Path(__file__).parents[1] / "notebooks/results/matrix_real.json").read_text())
+    merged = tmp_path / "earlier.json"
+    merged.write_text(json.dumps(earlier))
+    argv = ["--report-only", "--only", "mnist_small/auto", "--out-dir", str(tmp_path / "runs")]
+    assert mr.main([*argv, "--results", str(tmp_path / "res"), "--merge", str(merged)]) == 0
+    rows = json.loads((tmp_path / "res" / "matrix_real.json").read_text())["runs"]
+    assert len(rows) == len(earlier["runs"]) > 3  # the whole committed report, not the 3 auto rows

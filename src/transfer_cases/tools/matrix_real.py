@@ -9,6 +9,10 @@ an interrupted matrix resumes where it stopped. Long (about 1.5 h on 2 CPU cores
     python -m transfer_cases.tools.matrix_real            # run what is missing, then report
     python -m transfer_cases.tools.matrix_real --dry-run  # list the runs and their commands
     python -m transfer_cases.tools.matrix_real --report-only
+    python -m transfer_cases.tools.matrix_real --report-only --merge notebooks/results/matrix_real.json
+
+`--merge` reads the runs of an earlier report (its JSON) for every run whose folder is missing here:
+re-running a few runs (a changed advisor rule, say) then updates the committed report in place.
 """
 
 from __future__ import annotations
@@ -293,10 +297,27 @@ def plot(cells_: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(
-    runs: Sequence[Run], out_dir: Path, results: Path, settings: dict[str, Any]
+def merged_rows(
+    runs: Sequence[Run], out_dir: Path, earlier: Sequence[dict[str, Any]] = ()
 ) -> list[dict[str, Any]]:
-    rows = [r for r in (collect(run, out_dir) for run in runs) if r is not None]
+    """Each planned run's row: from its folder when it finished here, else from an earlier report."""
+    stored = {(r["cell"], r["case"], r["seed"]): r for r in earlier}
+    rows = []
+    for run in runs:
+        row = collect(run, out_dir) or stored.get((run.cell.name, run.case, run.seed))
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def report(
+    runs: Sequence[Run],
+    out_dir: Path,
+    results: Path,
+    settings: dict[str, Any],
+    earlier: Sequence[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    rows = merged_rows(runs, out_dir, earlier)
     cells_ = summarise(rows)
     results.mkdir(parents=True, exist_ok=True)
     if rows:
@@ -324,10 +345,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--large-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--val-fraction", type=float, default=0.04, help="of the training set, for validation")
     p.add_argument("--no-variants", action="store_true", help="skip the LP-FT runs")
-    p.add_argument("--only", help="run only the runs whose name contains this (e.g. mnist_small)")
+    p.add_argument(
+        "--only", help="run only the runs whose name contains this (e.g. mnist_small); the report covers all"
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from finished runs")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="an earlier report's JSON: its runs stand in for run folders missing here",
+    )
     args = p.parse_args(argv)
+    # Read before anything is run: the report written at the end may overwrite the same file.
+    earlier = [row for path in args.merge for row in json.loads(path.read_text())["runs"]]
 
     settings = {
         "small": args.small,
@@ -336,9 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "large_seeds": args.large_seeds,
         "val_fraction": args.val_fraction,
     }
-    runs = plan(
-        cells(args.small, args.large, args.small_seeds, args.large_seeds), args.only, not args.no_variants
-    )
+    all_cells = cells(args.small, args.large, args.small_seeds, args.large_seeds)
+    # `--only` picks what runs; the report always covers the whole plan (a partial one would
+    # overwrite the committed table with a few rows).
+    runs = plan(all_cells, args.only, not args.no_variants)
     train_cmd = [str(Path(sys.executable).with_name("transfer-train"))]
     if args.dry_run:
         for run in runs:
@@ -356,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else f"FAILED (see {args.out_dir / run.name}/matrix_log.txt)"
             )
             print(f"[{i}/{len(todo)}] {run.name}: {wall['wall_s']:.0f} s {ok}", flush=True)
-    cells_ = report(runs, args.out_dir, args.results, settings)
+    cells_ = report(
+        plan(all_cells, None, not args.no_variants), args.out_dir, args.results, settings, earlier
+    )
     print((args.results / "matrix_real.md").read_text())
     return 0 if cells_ else 1
 
