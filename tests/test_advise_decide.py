@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -65,20 +66,41 @@ def test_size_uses_the_median_and_reports_the_minimum_and_the_threshold_source()
     assert decide(counts, rows([0.5, 0.9]), small_max_per_class=151).size == "small"
 
 
-def test_ties_within_noise_go_to_the_deeper_stage() -> None:
-    # Stage 2 peaks, stage 4 is within a point: keep the full body.
-    assert decide(SMALL, rows([0.5, 0.900, 0.7, 0.895], std=0.001)).case == "small_similar"
-    # Within one standard error of the difference (std 0.05 over 5 folds) is a tie too ...
-    assert decide(SMALL, rows([0.5, 0.90, 0.7, 0.87], std=0.05)).best_stage == 4
-    # ... but a clear gap is not.
-    advice = decide(SMALL, rows([0.5, 0.90, 0.7, 0.85], std=0.02))
-    assert (advice.best_stage, advice.keep) == (2, 2)
+def test_ties_within_one_standard_error_go_to_the_narrowest_features() -> None:
+    # The full body peaks, but stage 2 is within a point of it: the narrower features win (a head
+    # with fewer parameters to fit from 20 samples per class).
+    advice = decide(SMALL, rows([0.5, 0.895, 0.7, 0.900], std=0.001))
+    assert (advice.case, advice.best_stage, advice.keep) == ("small_different", 2, 2)
+    assert "narrowest" in advice.reasoning[1]
+    # Within one standard error of the peak (std 0.1 over 5 folds: 0.045) is a tie too ...
+    assert decide(SMALL, rows([0.5, 0.7, 0.87, 0.90], std=0.1)).best_stage == 3
+    # ... but a clear gap is not: the full body stays.
+    advice = decide(SMALL, rows([0.5, 0.7, 0.85, 0.90], std=0.02))
+    assert (advice.case, advice.best_stage, advice.keep) == ("small_similar", 4, None)
+
+
+def test_the_tolerance_is_the_standard_error_of_the_peak_not_of_the_difference() -> None:
+    # Peak std 0.05 (SE 0.022); stage 1 std 0.2 (SE 0.089): 0.04 below the peak is inside the
+    # combined SE (0.092) but outside the peak's own, so the noisier stage does not tie.
+    noisy = rows([0.86], std=0.2)[0]
+    peak = replace(rows([0.90], std=0.05)[0], stage=2)
+    assert decide(SMALL, [noisy, peak]).best_stage == 2
+
+
+def test_parsimony_is_width_first_then_depth() -> None:
+    # A deeper stage with narrower features (a bottleneck) is the more parsimonious tie ...
+    first, second, last = rows([0.80, 0.80, 0.70], std=0.001)
+    assert decide(SMALL, [replace(first, width=512), second, last]).best_stage == 2
+    # ... and at equal width the shallower stage (fewer layers to run).
+    assert decide(SMALL, [first, replace(second, width=first.width), last]).best_stage == 1
 
 
 def test_tie_thresholds_are_parameters() -> None:
-    accuracies = [0.5, 0.90, 0.7, 0.87]
-    assert decide(SMALL, rows(accuracies, std=0.0), tie_margin=0.05).best_stage == 4
-    assert decide(SMALL, rows(accuracies, std=0.05), tie_sems=0.5).best_stage == 2
+    accuracies = [0.5, 0.7, 0.87, 0.90]
+    assert decide(SMALL, rows(accuracies, std=0.0)).best_stage == 4
+    assert decide(SMALL, rows(accuracies, std=0.0), tie_margin=0.05).best_stage == 3
+    assert decide(SMALL, rows(accuracies, std=0.05)).best_stage == 4
+    assert decide(SMALL, rows(accuracies, std=0.05), tie_sems=2).best_stage == 3
 
 
 def test_how_clear_a_gain_over_random_must_be_is_a_parameter() -> None:

@@ -6,11 +6,14 @@ The policy (every threshold is a parameter of `decide`):
 - **Size.** The median number of samples per class (the minimum is reported too) below
   `small_max_per_class` is *small*, otherwise *large*. The threshold's source (measured by
   `make matrix-real`, from the literature, or a rule of thumb) travels with the advice.
-- **Best stage.** The peak is the stage with the highest cross-validated probe accuracy (LogME breaks
-  exact ties). A stage whose accuracy is within the noise of the peak's is a tie: within
-  `tie_sems` standard errors of the difference (the two stages' standard errors over folds,
-  combined), or `tie_margin`, whichever is larger. The deepest tie wins: cutting the body only
-  pays when it measurably helps. LogME's own best stage is reported next to it as a second opinion.
+- **Best stage.** The one-standard-error rule of model selection (Breiman et al. 1984; Hastie,
+  Tibshirani & Friedman, *Elements of Statistical Learning* §7.10): the peak is the stage with the
+  highest cross-validated probe accuracy (LogME breaks exact ties); every stage within `tie_sems`
+  standard errors of the peak's accuracy (its std over folds / sqrt(folds)), or within
+  `tie_margin`, whichever is larger, is as good as the peak as far as the data can tell; of those,
+  the most parsimonious wins: the narrowest features (the fewest head parameters to fit from the
+  samples), then the shallowest stage (the fewest layers to run). LogME's own best stage is
+  reported next to it as a second opinion.
 - **Similarity.** *similar* when the best stage is the last (the full body), *different* when an
   earlier stage is better. *unrelated* when even the peak is not better than the best stage of the
   randomly initialised control by more than `related_margin` or `related_sems` standard errors of
@@ -131,19 +134,16 @@ def decide(
         f"(threshold: {threshold_source})"
     )
 
-    # Best stage: the deepest stage within the noise of the peak.
+    # Best stage: the most parsimonious stage within one standard error of the peak.
     peak = max(rows, key=lambda s: (s.probe_pretrained, s.logme_pretrained))
-
-    def tied(s: StageScores) -> bool:
-        noise = tie_sems * math.hypot(peak.probe_pretrained_sem, s.probe_pretrained_sem)
-        return peak.probe_pretrained - s.probe_pretrained <= max(tie_margin, noise)
-
-    ties = [s for s in rows if tied(s)]
-    best = max(ties, key=lambda s: s.stage)
+    tolerance = max(tie_margin, tie_sems * peak.probe_pretrained_sem)
+    ties = [s for s in rows if peak.probe_pretrained - s.probe_pretrained <= tolerance]
+    best = min(ties, key=lambda s: (s.width, s.stage))
     reasons.append(
-        f"probe accuracy peaks at stage {peak.stage}/{depth}: {_acc(peak)}; stages within noise of it "
-        f"(max of {tie_margin:g} and {tie_sems:g} standard error of the difference): "
-        f"{[s.stage for s in ties]} -> best stage {best.stage} (the deepest tie)"
+        f"probe accuracy peaks at stage {peak.stage}/{depth}: {_acc(peak)}; stages within "
+        f"{tolerance:.3f} of it (max of {tie_margin:g} and {tie_sems:g} standard error of the peak): "
+        f"{[s.stage for s in ties]} -> best stage {best.stage}"
+        + (" (the narrowest features among them: the fewest head parameters)" if len(ties) > 1 else "")
     )
     logme_best = max(rows, key=lambda s: (s.logme_pretrained, s.stage))
     agreement = "agrees" if logme_best.stage == best.stage else "differs"
