@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,6 +60,21 @@ def test_labels_that_die_at_the_last_stage_cut_before_it_at_the_narrowest_stage_
     again, timings = advise(tmp_path, dead=(3,))  # a second look reads the cache
     assert timings["extract_pretrained_cache_hit"] == 1.0 and timings["extract_random_cache_hit"] == 1.0
     assert again.case == advice.case and again.keep == advice.keep
+
+
+def test_advisor_settings_reach_the_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transfer_cases.advise import advisor as advisor_module
+
+    seen: dict[str, object] = {}
+    decide = advisor_module.decide
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(advisor_module, "decide", spy)
+    advise(tmp_path, dead=(3,), tie_sems=2.5, small_max_per_class=7)
+    assert seen["tie_sems"] == 2.5 and seen["small_max_per_class"] == 7
 
 
 def test_pretrained_features_that_carry_nothing_recommend_fine_tuning_or_scratch(tmp_path: Path) -> None:
@@ -134,6 +150,10 @@ BAD_ADVISOR = {
     "folds=1": (
         {"folds": 1},
         r"advisor\.folds=1 must be a whole number >= 2 \(cross-validation holds one fold",
+    ),
+    "tie_sems=-1": (
+        {"tie_sems": -1},
+        r"advisor\.tie_sems=-1 must be a number >= 0 .*e\.g\. advisor\.tie_sems=1",
     ),
 }
 

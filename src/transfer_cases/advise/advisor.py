@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from transfer_cases.advise.decide import DEFAULT_SMALL_MAX_PER_CLASS, DEFAULT_THRESHOLD_SOURCE, Advice, decide
+from transfer_cases.advise.decide import (
+    DEFAULT_SMALL_MAX_PER_CLASS,
+    DEFAULT_THRESHOLD_SOURCE,
+    DEFAULT_TIE_SEMS,
+    Advice,
+    decide,
+)
 from transfer_cases.advise.scores import score_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.config import instantiate_clean, to_dict
@@ -48,6 +54,8 @@ class Advisor:
         folds: cross-validation folds of the linear probe.
         small_max_per_class: median training images per class below which the data is "small".
         threshold_source: where `small_max_per_class` comes from (shown with the advice).
+        tie_sems: stages within this many standard errors of the probe's peak tie with it; the
+            narrowest of them wins (the one-standard-error rule; 0 picks the peak itself).
         random_control: also score a randomly initialised copy (tells "different" from "unrelated").
         seed: drives the subset and the control's initialisation.
     """
@@ -58,6 +66,7 @@ class Advisor:
         folds: int = 5,
         small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS,
         threshold_source: str = DEFAULT_THRESHOLD_SOURCE,
+        tie_sems: float = DEFAULT_TIE_SEMS,
         seed: int = 0,
     ) -> None:
         for name, value, why, example in (
@@ -73,6 +82,12 @@ class Advisor:
         self.folds = folds
         self.small_max_per_class = small_max_per_class
         self.threshold_source = threshold_source
+        if isinstance(tie_sems, bool) or not isinstance(tie_sems, (int, float)) or tie_sems < 0:
+            raise ConfigError(
+                f"advisor.tie_sems={tie_sems!r} must be a number >= 0 (standard errors of the probe's "
+                "peak within which stages tie); e.g. advisor.tie_sems=1"
+            )
+        self.tie_sems = float(tie_sems)
         self.seed = seed
 
     def advise(
@@ -134,6 +149,7 @@ class Advisor:
             len(images.classes),
             small_max_per_class=self.small_max_per_class,
             threshold_source=self.threshold_source,
+            tie_sems=self.tie_sems,
         )
         timings["score_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - start
