@@ -55,7 +55,7 @@ class Advisor:
         small_max_per_class: median training images per class below which the data is "small".
         threshold_source: where `small_max_per_class` comes from (shown with the advice).
         tie_sems: stages within this many standard errors of the probe's peak tie with it; the
-            narrowest of them wins (the one-standard-error rule; 0 picks the peak itself).
+            narrowest of them wins (the one-standard-error rule; the tie width never drops below 0.01).
         random_control: also score a randomly initialised copy (tells "different" from "unrelated").
         seed: drives the subset and the control's initialisation.
     """
