@@ -62,6 +62,7 @@ def lpft(tmp_path: Path, images: Path, *extra: str) -> tuple[str, ...]:
         "+callbacks.log._target_=tests.helpers.lightning.EpochLog",
         f"+callbacks.log.path={tmp_path / 'epochs.txt'}",
         f"+callbacks.freeze_guard.report_dir={tmp_path / 'guard'}",
+        "callbacks.last_checkpoint.min_interval_s=0",  # interrupted between sub-second epochs
         *extra,
     )
 

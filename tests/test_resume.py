@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from tests.helpers.lightning import Interrupted, save_checkpoint, started_epochs
 from tests.test_configs import TINY_OVERRIDES, cli_env
 from tests.test_lightning import tiny_weights_file
 from transfer_cases import build
-from transfer_cases.callbacks import frozen_digest
+from transfer_cases.callbacks import LastCheckpoint, frozen_digest
 from transfer_cases.checkpoint import load_module
 from transfer_cases.errors import ConfigError
 from transfer_cases.module import TransferModule
@@ -31,10 +32,12 @@ from transfer_cases.report import collect_runs
 from transfer_cases.train import train
 
 QUIET = ("callbacks.progress_bar.refresh_rate=0", "callbacks.model_summary=null", "test=false")
+# These tests interrupt runs between epochs of a fraction of a second: last.ckpt after every epoch.
+EVERY_EPOCH = "callbacks.last_checkpoint.min_interval_s=0"
 
 
 def overrides(images: Path, *extra: str) -> tuple[str, ...]:
-    return (*TINY_OVERRIDES, f"data.root={images}", "data.batch_size=4", *QUIET, *extra)
+    return (*TINY_OVERRIDES, f"data.root={images}", "data.batch_size=4", *QUIET, EVERY_EPOCH, *extra)
 
 
 def metric_rows(run: Path) -> list[dict[str, str]]:
@@ -60,6 +63,48 @@ def test_last_checkpoint_is_every_epochs_even_when_the_metric_never_improves(
     assert Path(result["best_checkpoint"]).name == "epoch00.ckpt"  # the metric never improved
     assert ckpt_epoch(checkpoints / "last.ckpt") == 2  # ModelCheckpoint(save_last=True) leaves epoch 0
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch00.ckpt", "last.ckpt"]
+
+
+class SaveLog:
+    """The epoch of every last.ckpt that `LastCheckpoint` writes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.epochs: list[int] = []
+        save = LastCheckpoint._save_checkpoint
+
+        def spy(callback: LastCheckpoint, trainer: Any, filepath: str) -> None:
+            self.epochs.append(trainer.current_epoch)
+            save(callback, trainer, filepath)
+
+        monkeypatch.setattr(LastCheckpoint, "_save_checkpoint", spy)
+
+
+def test_fast_epochs_save_last_checkpoint_once_at_the_end_and_it_resumes(
+    compose_train: Callable[..., DictConfig],
+    image_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    saves = SaveLog(monkeypatch)
+    log = tmp_path / "epochs.txt"
+    epoch_log = ("+callbacks.log._target_=tests.helpers.lightning.EpochLog", f"+callbacks.log.path={log}")
+    slow = "callbacks.last_checkpoint.min_interval_s=3600"
+    train(compose_train(*overrides(image_folder, "trainer.max_epochs=3", slow, *epoch_log)))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert saves.epochs == [3]  # epochs 0 and 1 skipped; the final state written when training ended
+    assert ckpt_epoch(last) == 3  # three epochs completed (an epoch-end save would say 2)
+    train(
+        compose_train(*overrides(image_folder, "trainer.max_epochs=4", slow, *epoch_log, f"ckpt_path={last}"))
+    )
+    assert started_epochs(log) == [0, 1, 2, 3]  # the resume ran epoch 3 only
+    saves.epochs.clear()
+    train(compose_train(*overrides(image_folder, "trainer.max_epochs=3")))  # min_interval_s=0
+    assert saves.epochs == [0, 1, 2]
+
+
+def test_last_checkpoint_interval_must_be_seconds() -> None:
+    with pytest.raises(ConfigError, match=r"min_interval_s=-1 must be a number of seconds >= 0 .*=10"):
+        LastCheckpoint(min_interval_s=-1)
 
 
 def test_resume_continues_at_the_next_epoch_and_keeps_the_metrics_history(

@@ -1,17 +1,21 @@
 """Callbacks of `transfer-train`: `FreezeGuard` (a run fails loudly if its frozen prefix changes or
-leaves eval mode) and `MetricsHistory` (a resumed run keeps its metrics history)."""
+leaves eval mode), `MetricsHistory` (a resumed run keeps its metrics history) and `LastCheckpoint`
+(last.ckpt for resuming, at a bounded cost)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from transfer_cases.digest import tensor_digest
+from transfer_cases.errors import ConfigError
 from transfer_cases.loggers import HistoryCSVLogger
 from transfer_cases.module import TransferModule
 
@@ -100,3 +104,50 @@ class MetricsHistory(L.Callback):
                         f"{logger.log_dir}/metrics.csv: dropped {dropped} earlier rows of epochs "
                         f">= {trainer.current_epoch}, which this run redoes"
                     )
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` after finished epochs, whatever the metric did, for `ckpt_path=` resumes.
+
+    A checkpoint holds the whole model and optimizer (about 50 ms for MobileNetV2 on a 2-core CPU):
+    nothing next to a fine-tuning epoch, most of the time of a head trained on cached features (50
+    epochs of 20 ms). So an epoch's checkpoint is skipped while the previous one is less than
+    `min_interval_s` seconds old, and the final epoch's is always written (at the end of training, as
+    Lightning's `save_last` does). An interruption then loses at most the unfinished epoch plus
+    `min_interval_s` of training; `min_interval_s: 0` writes every epoch. Under DDP every rank follows
+    rank 0's clock, since a save is a collective call.
+    """
+
+    def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
+        if (
+            isinstance(min_interval_s, bool)
+            or not isinstance(min_interval_s, (int, float))
+            or min_interval_s < 0
+        ):
+            raise ConfigError(
+                f"callbacks.last_checkpoint.min_interval_s={min_interval_s!r} must be a number of "
+                "seconds >= 0 (0 writes last.ckpt after every epoch); "
+                "e.g. callbacks.last_checkpoint.min_interval_s=10"
+            )
+        super().__init__(*args, **kwargs)
+        self.min_interval_s = float(min_interval_s)
+        self._saved_at = time.monotonic()
+        self._pending = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._saved_at, self._pending = time.monotonic(), False
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        recent = time.monotonic() - self._saved_at < self.min_interval_s
+        if trainer.strategy.broadcast(recent, src=0):
+            self._pending = True
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._saved_at, self._pending = time.monotonic(), False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self._pending:  # the last epochs came too soon after a save: write the final state now
+            super()._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._pending = False
