@@ -101,3 +101,42 @@ def test_freeze_guard_catches_a_frozen_stage_left_in_train_mode(tmp_path: Path, 
     dm = ImageFolderDataModule(image_folder, batch_size=4, preprocess=module.preprocess, image_size=32)
     with pytest.raises(RuntimeError, match="frozen stage is in train mode"):
         trainer.fit(module, dm)
+
+
+class FrozenWeightBumper(L.Callback):
+    """Changes a weight of the frozen first stage at the start of training, as a buggy hook could."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: TransferModule, *_: object) -> None:
+        if trainer.global_step == 0:
+            with torch.no_grad():
+                next(pl_module.backbone.stages[0].parameters()).add_(1.0)
+
+
+@pytest.mark.parametrize(
+    ("interval", "checkpoints", "message"),
+    [
+        (0.0, False, "changed during epoch 0"),
+        (3600.0, False, r"changed by the end of training \(epoch 1 or earlier\)"),
+        (3600.0, True, r"changed by epoch 0 \(found before writing a checkpoint\)"),
+    ],
+)
+def test_freeze_guard_catches_a_changed_frozen_weight_whatever_its_interval(
+    tmp_path: Path, image_folder: Path, interval: float, checkpoints: bool, message: str
+) -> None:
+    module = TransferModule(backbone=TINY, case=case_config("small_similar"), num_classes=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoints,
+        callbacks=[FrozenWeightBumper(), FreezeGuard(check_interval_s=interval)],
+        default_root_dir=tmp_path,
+    )
+    dm = ImageFolderDataModule(image_folder, batch_size=4, preprocess=module.preprocess, image_size=32)
+    with pytest.raises(RuntimeError, match=f"FreezeGuard: the frozen stages {message}"):
+        trainer.fit(module, dm)
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing was saved with the changed body
