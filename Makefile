@@ -25,7 +25,7 @@ train: $(STAMP)  ## the default job: small_similar, embedded MobileNetV2 + hymen
 # one two-threaded process on small tensors, and never oversubscribe the cores.
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
-test: $(STAMP)  ## the fast test suite (about 2 minutes on 2 cores)
+test: $(STAMP)  ## the fast test suite (2-3.5 minutes on 2 cores)
 	$(PYTEST) $(ARGS)
 
 test-all: $(STAMP)  ## fast and slow tests
