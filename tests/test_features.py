@@ -15,6 +15,7 @@ from unittest.mock import PropertyMock, patch
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import TINY, case_config, write_image_folder
 from transfer_cases.backbones.tiny import _TinyNet
@@ -294,3 +295,22 @@ def test_feature_files_get_the_usual_file_mode(setup: tuple[Path, Path, Path]) -
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask  # not mkstemp's 0600: a shared cache is readable by its group
+
+
+def test_feature_loaders_serve_the_batches_a_plain_loader_would(setup: tuple[Path, Path, Path]) -> None:
+    """Train batches are fetched a batch at a time, yet are the rows, order and labels that a
+    per-row loader with the same seed serves; val and test come whole (no metric depends on it)."""
+    root, images, weights = setup
+    _, dm = cached(root, images, weights)
+    plain = DataLoader(
+        TensorDataset(*dm.train_dataset.tensors),
+        batch_size=dm.images.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(dm.images.seed),
+    )
+    served = list(dm.train_dataloader())
+    assert len(served) == len(plain) > 1
+    for (x, y), (px, py) in zip(served, plain, strict=True):
+        assert torch.equal(x, px) and torch.equal(y, py)
+    (val,) = list(dm.val_dataloader())
+    assert all(torch.equal(a, b) for a, b in zip(val, dm.val_dataset.tensors, strict=True))

@@ -94,6 +94,40 @@ def test_frozen_stages_stay_in_eval_mode_through_train_calls(backbone: str) -> N
     assert all(not m.training for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+def reference_modes(module: TransferModule) -> dict[str, bool]:
+    """What `.train()` must give, by the slow obvious route: everything in train mode, then each
+    frozen part (and, with bn_mode eval, every BatchNorm layer of the body) back in eval mode."""
+    ref = copy.deepcopy(module)
+    nn.Module.train(ref, True)
+    body = ref.backbone
+    for stage in body.stages[: body.num_frozen]:
+        stage.eval()
+    if body.fully_frozen:
+        body.pool.eval(), body.neck.eval()
+    if body.bn_eval:
+        for m in body.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return {name: m.training for name, m in ref.named_modules()}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("freeze", ["all", 2, 1, "none"])
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_train_sets_every_module_as_the_obvious_route_does(
+    backbone: str, freeze: object, bn_mode: str
+) -> None:
+    cfg, _ = BACKBONES[backbone]
+    case = {**case_config("large_similar"), "freeze": freeze, "bn_mode": bn_mode, "body_lr_scale": 0.1}
+    module = TransferModule(backbone=cfg, case=case, num_classes=3)
+    expected = reference_modes(module)
+    for _ in range(2):  # from any mode, any number of times
+        module.eval()
+        assert not any(m.training for m in module.modules())
+        module.train()
+        assert {name: m.training for name, m in module.named_modules()} == expected
+
+
 PARTIAL = {"name": "partial", "init": "pretrained", "keep": None, "freeze": 2, "body_lr_scale": 0.1}
 
 

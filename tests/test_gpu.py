@@ -72,7 +72,7 @@ def test_each_case_trains_one_epoch_on_a_gpu(
     report = tmp_path / "report"
     cfg = compose_train(*one_epoch(report, "trainer=gpu", f"case={case}", f"precision={precision}"))
     result = train(cfg)
-    assert math.isfinite(result["metrics"]["train/loss"]) and "val/acc" in result["metrics"]
+    assert math.isfinite(result["metrics"]["train/loss_epoch"]) and "val/acc" in result["metrics"]
     (probe,), (guard,) = reports(report, "probe"), reports(report, "freeze_guard")
     check_rank(probe, guard, precision)
     assert probe["device"] == "cuda:0" and probe["world_size"] == 1

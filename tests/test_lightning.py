@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.classification import MulticlassAccuracy
 
 from tests.conftest import CASES, TINY, case_config
@@ -217,3 +219,57 @@ def test_train_accuracy_is_a_torchmetrics_metric_over_the_whole_epoch(
     # (Each prediction is recorded in the step that makes it, before the optimizer moves.)
     expected = torch.cat(module.seen).mean()
     assert float(t.callback_metrics["train/acc"]) == pytest.approx(float(expected))
+
+
+def test_epoch_losses_and_metrics_are_over_the_whole_split(tmp_path: Path, image_folder: Path) -> None:
+    """Epoch metrics are torchmetrics states logged once an epoch: the train loss is the mean over
+    the epoch's samples (batches of 5, 5 and 2 weigh 5, 5 and 2), and the validation loss, accuracy
+    and F1 are those of the final model on the whole val split, whatever its batches."""
+
+    class Recording(TransferModule):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.seen.append((float(loss.detach()), len(batch[1])))
+            return loss
+
+    module = Recording(backbone=TINY, case=case_config("large_different"), num_classes=2)
+    data = ImageFolderDataModule(image_folder, batch_size=5, preprocess=module.preprocess, image_size=32)
+    t = trainer(tmp_path, epochs=2, num_sanity_val_steps=0)
+    module.seen = []
+    t.fit(module, data)
+    last_epoch = module.seen[-3:]  # 12 images: 3 steps an epoch
+    assert [n for _, n in last_epoch] == [5, 5, 2]
+    mean = sum(loss * n for loss, n in last_epoch) / 12
+    assert float(t.callback_metrics["train/loss_epoch"]) == pytest.approx(mean, rel=1e-5)
+
+    module.eval()
+    x = torch.stack([data.val_dataset[i][0] for i in range(len(data.val_dataset))])
+    y = torch.as_tensor(data.val_dataset.labels)
+    with torch.no_grad():
+        logits = module(x)
+    assert float(t.callback_metrics["val/loss"]) == pytest.approx(float(module.loss(logits, y)), rel=1e-5)
+    assert float(t.callback_metrics["val/acc"]) == pytest.approx(
+        float((logits.argmax(1) == y).float().mean())
+    )
+    assert "val/f1" in t.callback_metrics and "train/acc" in t.callback_metrics
+
+
+def test_step_loss_is_logged_on_the_steps_the_logger_writes(tmp_path: Path, image_folder: Path) -> None:
+    """`train/loss_step` reaches the logger every `log_every_n_steps` steps, and only then."""
+    module = TransferModule(backbone=TINY, case=case_config("small_similar"), num_classes=2)
+    data = ImageFolderDataModule(image_folder, batch_size=2, preprocess=module.preprocess, image_size=32)
+    t = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="csv", version=0),
+        log_every_n_steps=4,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    t.fit(module, data)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
+    assert t.global_step == 12  # 12 images in batches of 2, two epochs
+    assert steps == [3, 7, 11]  # Lightning's step index of the 4th, 8th and 12th step

@@ -47,24 +47,28 @@ class FreezeGuard(L.Callback):
         self.start_digest = ""
         self.find_unused: bool | None = None
         self._checked_at = time.monotonic()
+        self._frozen_modules: list[torch.nn.Module] = []
+        self._body_bn: list[torch.nn.Module] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, TransferModule)
         self.start_digest = frozen_digest(pl_module)
         self._checked_at = time.monotonic()
+        # Listed once: walking the module tree every step costs more than a head's step on features.
+        body = pl_module.backbone
+        self._frozen_modules = [m for stage in body.stages[: body.num_frozen] for m in stage.modules()]
+        bn = torch.nn.modules.batchnorm._BatchNorm
+        self._body_bn = [m for m in body.modules() if isinstance(m, bn)] if body.bn_eval else []
         wrapped = trainer.strategy.model
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
             self.find_unused = bool(wrapped.find_unused_parameters)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        body = pl_module.backbone
-        if any(m.training for stage in body.stages[: body.num_frozen] for m in stage.modules()):
+        if any(m.training for m in self._frozen_modules):
             raise RuntimeError(
                 "FreezeGuard: a frozen stage is in train mode; its BatchNorm statistics would move"
             )
-        if body.bn_eval and any(
-            m.training for m in body.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        ):
+        if any(m.training for m in self._body_bn):
             raise RuntimeError("FreezeGuard: bn_mode=eval but a BatchNorm layer of the body is in train mode")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transfer_cases.cases import Case
@@ -83,6 +83,8 @@ class TransferModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # Losses averaged over the epoch's samples (weighted by batch size), synced across ranks.
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self._eval_mode_warning: warnings.catch_warnings | None = None
         # "fit", or "probe" during LP-FT's head warm-up (see recipe.py); saved in checkpoints so that
         # a resume restores the phase it was in (`resume_phase`, set by `build`).
@@ -197,30 +199,59 @@ class TransferModule(L.LightningModule):
                 "ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training\."
             )
 
+    # Epoch metrics are torchmetrics states updated every step and logged once, at the epoch's end:
+    # a `self.log` call costs more than a step of a head on cached features (Lightning moves its
+    # result collection each call), and torchmetrics syncs the states across DDP ranks on compute.
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self._logits(x)
         loss = self.loss(logits, y)
-        n = len(y)
-        self.train_acc.update(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        self.train_acc.update(logits.detach(), y)
+        self.train_loss.update(loss.detach(), len(y))
+        # The step's loss (this rank's, never synced per step), for the progress bar and the logger:
+        # logged on the steps the logger writes (`trainer.log_every_n_steps`), not on every step.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch({"train/loss_epoch": self.train_loss, "train/acc": self.train_acc}, prog_bar=False)
+
     def _eval_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, loss: MeanMetric
     ) -> None:
         x, y = batch
         logits = self._logits(x)
-        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)
+        loss.update(self.loss(logits, y), len(y))
         metrics.update(logits, y)
-        self.log_dict(metrics, prog_bar=True, batch_size=len(y))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch({"val/loss": self.val_loss, "val/": self.val_metrics})
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_metrics, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch({"test/loss": self.test_loss, "test/": self.test_metrics})
+
+    def _log_epoch(self, states: dict[str, Any], prog_bar: bool = True) -> None:
+        """Compute, log and reset epoch metrics (a collection's keys already carry their prefix).
+
+        A state that saw no batch this epoch (validation switched off, a resumed run) is skipped."""
+        values: dict[str, torch.Tensor] = {}
+        for key, state in states.items():
+            members = state.values() if isinstance(state, MetricCollection) else [state]
+            if not any(m.update_called for m in members):
+                continue
+            computed = state.compute()
+            values.update(computed if isinstance(computed, dict) else {key: computed})
+            state.reset()
+        if values:
+            # Already synced by torchmetrics; sync_dist only averages equal values (and says so).
+            self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch

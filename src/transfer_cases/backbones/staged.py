@@ -183,12 +183,19 @@ class StagedBody(nn.Module):
     def train(self, mode: bool = True) -> StagedBody:
         # Lightning and users call .train() on the whole model around every fit/validate loop;
         # without this override, frozen BatchNorm layers would start updating running statistics.
-        super().train(mode)
-        for stage in self.stages[: self.num_frozen]:
-            stage.eval()
-        if self.fully_frozen:
-            self.pool.eval()
-            self.neck.eval()
+        # Each part is set once (a frozen stage straight to eval): Lightning switches modes around
+        # every validation loop, and a walk of the whole tree costs ms next to a head's epoch.
+        if not mode:
+            return super().train(False)
+        self.training = True
+        for i, stage in enumerate(self.stages):
+            stage.train(i >= self.num_frozen)
+        self.stages.training = True
+        for part in (self.pool, self.neck):
+            part.train(not self.fully_frozen)
+        for child in self.children():
+            if all(child is not part for part in (self.stages, self.pool, self.neck)):
+                child.train(True)
         if self.bn_eval:
             # Trainable BatchNorm layers normalise with the pretrained running statistics (and keep
             # them); their affine weights still train.

@@ -91,7 +91,7 @@ def run_case(
         "case": case,
         "precision": precision,
         "img_per_s": float(rate) if rate is not None else math.nan,
-        "loss": float(trainer.callback_metrics["train/loss"]),
+        "loss": float(trainer.callback_metrics["train/loss_epoch"]),
     }
 
 
