@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelSummary
 from omegaconf import DictConfig
 
 from tests.conftest import TINY, case_config
@@ -22,6 +23,7 @@ from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.diagnose import collapse_warning
 from transfer_cases.errors import ConfigError
 from transfer_cases.module import TransferModule
+from transfer_cases.recipe import make_trainer
 from transfer_cases.train import train
 
 
@@ -198,3 +200,19 @@ def test_a_collapsed_run_says_so_in_its_summary(
     assert result["metrics"]["train/acc"] >= 0.9 and result["metrics"]["val/acc"] <= 0.5
     (warning,) = result["warnings"]
     assert "does not generalise" in warning
+
+
+@pytest.mark.parametrize(
+    ("overrides", "summary"),
+    [
+        ((), True),  # the default callbacks carry a RichModelSummary
+        (("callbacks.model_summary=null",), False),  # no summary, not Lightning's default one
+        (("hparams_search=small_similar_optuna", "hydra.mode=RUN"), False),  # the search presets
+        (("callbacks.model_summary=null", "+trainer.enable_model_summary=true"), True),  # explicit wins
+    ],
+)
+def test_the_callbacks_config_decides_on_the_model_summary(
+    compose_train: Callable[..., DictConfig], overrides: tuple[str, ...], summary: bool
+) -> None:
+    trainer = make_trainer(compose_train("trainer=cpu", *overrides))
+    assert any(isinstance(c, ModelSummary) for c in trainer.callbacks) == summary

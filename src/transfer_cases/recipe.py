@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelSummary
 from omegaconf import DictConfig, open_dict
 
 from transfer_cases.cli import instantiate_list
@@ -77,13 +78,24 @@ def fit_phases(cfg: DictConfig, module: TransferModule, datamodule: Any) -> tupl
 
 def _fit(cfg: DictConfig, module: TransferModule, datamodule: Any, ckpt_path: str | None) -> L.Trainer:
     """One `trainer.fit` with the config's trainer, callbacks and loggers, made afresh for the phase."""
-    trainer: L.Trainer = instantiate_clean(
-        cfg.trainer,
-        callbacks=instantiate_list(cfg.get("callbacks")),
-        logger=instantiate_list(cfg.get("logger")) or False,
-    )
+    trainer = make_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return trainer
+
+
+def make_trainer(cfg: DictConfig) -> L.Trainer:
+    """The config's Trainer with its callbacks and loggers.
+
+    The callbacks config decides on the model summary: with `callbacks.model_summary=null` (as in
+    the search presets) there is none, where Lightning would otherwise add its own; an explicit
+    `trainer.enable_model_summary` still wins."""
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    extra = {}
+    if "enable_model_summary" not in cfg.trainer:
+        extra["enable_model_summary"] = any(isinstance(c, ModelSummary) for c in callbacks)
+    return instantiate_clean(
+        cfg.trainer, callbacks=callbacks, logger=instantiate_list(cfg.get("logger")) or False, **extra
+    )
 
 
 @contextmanager
