@@ -55,7 +55,7 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto, LP-FT); ~1.5 h, resumable
 	$(BIN)/python -m transfer_cases.tools.matrix_real $(ARGS)
 
-bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (~15 min)
+bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (~35 min on 2 cores)
 	$(BIN)/python bench/bench.py $(ARGS)
 
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
