@@ -36,6 +36,9 @@ def test_multirun_glob_runs_the_four_cases_in_their_own_directories(
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    for case in CASES:  # each job's parameter-count line at fit start
+        assert f"case={case} body=" in run.stdout + run.stderr
+    assert run.stdout.count("val/acc") >= len(CASES)  # and its final metrics table
     found = summaries(sweep)
     assert sorted(s["case"] for s in found.values()) == sorted(CASES)
     assert all(s["status"] == "ok" for s in found.values())
