@@ -273,3 +273,15 @@ def test_step_loss_is_logged_on_the_steps_the_logger_writes(tmp_path: Path, imag
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
     assert t.global_step == 12  # 12 images in batches of 2, two epochs
     assert steps == [3, 7, 11]  # Lightning's step index of the 4th, 8th and 12th step
+
+
+def test_training_step_works_without_a_trainer() -> None:
+    """A plain PyTorch loop may call the hooks itself: the step returns its loss and updates the
+    epoch states (Lightning only warns that `self.log` has no Trainer)."""
+    module = TransferModule(backbone=TINY, case=case_config("small_similar"), num_classes=2)
+    batch = (torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    assert module.head[-1].weight.grad is not None and module.train_loss.update_count == 1

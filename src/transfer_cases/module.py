@@ -210,7 +210,8 @@ class TransferModule(L.LightningModule):
         self.train_loss.update(loss.detach(), len(y))
         # The step's loss (this rank's, never synced per step), for the progress bar and the logger:
         # logged on the steps the logger writes (`trainer.log_every_n_steps`), not on every step.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.global_step + 1) % every == 0:
             self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
