@@ -29,7 +29,7 @@ class FreezeGuard(L.Callback):
     """Checks the frozen-means-frozen invariants during fit, on every rank.
 
     At each training step the frozen stages must be in eval mode; at epoch ends (at most every
-    `check_interval_s` seconds: a digest of the body costs ~15 ms, most of a 20 ms epoch of a head on
+    `check_interval_s` seconds: a digest of the body costs ~15 ms, a third of a 45 ms epoch of a head on
     cached features), before every checkpoint and when training ends, their weights and BatchNorm
     statistics must be bit-identical to those at the start of training: taken in
     `on_train_start`, after every strategy has restored a resumed run's checkpoint (some, such as
@@ -133,7 +133,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     A checkpoint holds the whole model and optimizer (about 50 ms for MobileNetV2 on a 2-core CPU):
     nothing next to a fine-tuning epoch, most of the time of a head trained on cached features (50
-    epochs of 20 ms). So an epoch's checkpoint is skipped while the previous one is less than
+    epochs of ~45 ms). So an epoch's checkpoint is skipped while the previous one is less than
     `min_interval_s` seconds old, and the final epoch's is always written (at the end of training, as
     Lightning's `save_last` does). An interruption then loses at most the unfinished epoch plus
     `min_interval_s` of training; `min_interval_s: 0` writes every epoch. Under DDP every rank follows
