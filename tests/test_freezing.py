@@ -103,7 +103,8 @@ def reference_modes(module: TransferModule) -> dict[str, bool]:
     for stage in body.stages[: body.num_frozen]:
         stage.eval()
     if body.fully_frozen:
-        body.pool.eval(), body.neck.eval()
+        body.pool.eval()
+        body.neck.eval()
     if body.bn_eval:
         for m in body.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

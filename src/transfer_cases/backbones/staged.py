@@ -193,9 +193,6 @@ class StagedBody(nn.Module):
         self.stages.training = True
         for part in (self.pool, self.neck):
             part.train(not self.fully_frozen)
-        for child in self.children():
-            if all(child is not part for part in (self.stages, self.pool, self.neck)):
-                child.train(True)
         if self.bn_eval:
             # Trainable BatchNorm layers normalise with the pretrained running statistics (and keep
             # them); their affine weights still train.
