@@ -127,6 +127,30 @@ def test_train_sets_every_module_as_the_obvious_route_does(
         assert not any(m.training for m in module.modules())
         module.train()
         assert {name: m.training for name, m in module.named_modules()} == expected
+    # Modes set behind `train()`'s back (as Lightning's mode restore does), frozen modules included,
+    # on every module or only on the innermost ones (a part itself may look in eval mode):
+    for setting in ("all", "innermost", "none"):
+        for m in module.modules():
+            m.training = setting == "all" or (setting == "innermost" and not any(m.children()))
+        module.train()
+        assert {name: m.training for name, m in module.named_modules()} == expected
+        for m in module.modules():
+            m.training = True
+        module.eval()
+        assert not any(m.training for m in module.modules())
+
+
+def test_train_follows_a_change_of_freezing() -> None:
+    """The frozen parts' module lists are kept between calls: a new freezing must not use stale ones."""
+    cfg, _ = BACKBONES["mobilenet_v2"]
+    case = {**case_config("large_similar"), "freeze": 3, "body_lr_scale": 0.1}
+    module = TransferModule(backbone=cfg, case=case, num_classes=3)
+    body = module.backbone
+    for frozen in (1, 4, body.depth, 0, 2):
+        body.freeze(frozen)
+        module.eval()
+        module.train()
+        assert {name: m.training for name, m in module.named_modules()} == reference_modes(module)
 
 
 PARTIAL = {"name": "partial", "init": "pretrained", "keep": None, "freeze": 2, "body_lr_scale": 0.1}

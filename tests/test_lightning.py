@@ -201,6 +201,40 @@ def test_a_module_loaded_in_eval_mode_fine_tunes_in_train_mode_and_says_so(
     assert eval_mode_messages(caught) == []
 
 
+@pytest.mark.parametrize("case", ["small_similar", "partial"])
+def test_every_module_returns_to_its_mode_after_each_validation_loop(
+    tmp_path: Path, image_folder: Path, case: str
+) -> None:
+    """The module restores its modes after validation itself (not Lightning's per-module restore):
+    at every step, after the sanity check and each epoch's validation, each module is in the mode
+    `train()` gives by the obvious route; a standalone validation leaves an eval-mode model as it was."""
+    from tests.test_freezing import reference_modes
+
+    cfg = {"name": "partial", "init": "pretrained", "keep": None, "freeze": 1, "body_lr_scale": 0.1}
+    module = TransferModule(
+        backbone=TINY,
+        case=cfg if case == "partial" else case_config(case),
+        num_classes=2,
+        head={"kind": "mlp", "dropout": 0.5},
+    )
+    expected = reference_modes(module)
+    matches: list[bool] = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, module: TransferModule, *_: object) -> None:
+            matches.append({n: m.training for n, m in module.named_modules()} == expected)
+
+    data = datamodule(image_folder, module)
+    trainer(tmp_path, epochs=2, callbacks=[Modes()], num_sanity_val_steps=1).fit(module, data)
+    assert len(matches) == 2 * 3 and all(matches)
+    module.eval()
+    trainer(tmp_path).validate(module, data, verbose=False)
+    assert not any(m.training for m in module.modules())
+    module.train()
+    trainer(tmp_path).validate(module, data, verbose=False)
+    assert {n: m.training for n, m in module.named_modules()} == expected
+
+
 def test_train_accuracy_is_a_torchmetrics_metric_over_the_whole_epoch(
     tmp_path: Path, image_folder: Path
 ) -> None:
