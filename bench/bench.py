@@ -40,6 +40,7 @@ from transfer_cases import build, config_dir
 from transfer_cases.cli import instantiate_list
 from transfer_cases.config import instantiate_clean
 from transfer_cases.features import EXTRACTIONS, extract, resolve_extraction
+from transfer_cases.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -215,6 +216,81 @@ def frozen_vs_naive(tmp: Path, steps: int) -> dict[str, float]:
     }
 
 
+# -- 5. where an Optuna trial goes --------------------------------------------------------------------
+def trial_parts(tmp: Path, cache_dir: Path, repeats: int) -> dict[str, float]:
+    """Median seconds, in this process on warm cached features, of what one trial of
+    `hparams_search=small_similar_optuna` runs, next to the floors under it: Hydra composing the
+    trial's config; `train()` (build, then `trainer.fit` of 50 head epochs with the template's
+    metrics, logger, callbacks and best-checkpoint writes); the same 50 epochs (same head, features,
+    batches and validation) in a bare LightningModule with no metrics, logger, callbacks or
+    checkpoints; and in a plain PyTorch loop."""
+    search = ("hparams_search=small_similar_optuna", *QUIET, f"paths.cache_dir={cache_dir}")
+    compose_s, train_s, bare_s, plain_s = [], [], [], []
+    for i in range(repeats):
+        seconds, cfg = timed(lambda: compose_cfg(*search, out=tmp / f"trial{i}"))  # noqa: B023
+        compose_s.append(seconds)
+        train_s.append(timed(lambda: train(cfg))[0])  # noqa: B023
+    module, dm = build(cfg)
+    dm.setup("fit")
+    epochs, lr = cfg.trainer.max_epochs, cfg.model.optimizer.lr
+    head = lambda: torch.nn.Linear(module.backbone.out_features, len(module.class_names))  # noqa: E731
+
+    class Bare(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(self.head(batch[0]), batch[1])
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.head(batch[0])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=lr)
+
+    def bare() -> None:
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(Bare(), dm.train_dataloader(), dm.val_dataloader())
+
+    def plain() -> None:
+        model = head()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+        for _ in range(epochs):
+            model.train()
+            for x, y in train_loader:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                for x, _ in val_loader:
+                    model(x)
+
+    for _ in range(repeats):
+        bare_s.append(timed(bare)[0])
+        plain_s.append(timed(plain)[0])
+    median = statistics.median
+    return {
+        "compose_s": median(compose_s),
+        "train_s": median(train_s),
+        "bare_lightning_s": median(bare_s),
+        "plain_s": median(plain_s),
+        "epochs": epochs,
+        "repeats": repeats,
+    }
+
+
 # -- the run --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -297,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cwd=tmp,
     )
     r["optuna"] = {"trials": trials, "wall_s": optuna}
+    step("where a trial goes: compose, train(), bare Lightning, plain loop")
+    r["trial"] = trial_parts(tmp, tmp / "cache", 2 if args.quick else 5)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
@@ -322,6 +400,7 @@ def _rates(values: Sequence[float]) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     m, d, h, f, s, o = r["machine"], r["default_job"], r["heads"], r["fit_vs_plain"], r["steps"], r["optuna"]
+    t = r["trial"]
     auto, epochs = m["auto_extraction_cpu"], r["head_epochs"]
     fwd = r["forward"]
     unc = h["uncached"]
@@ -360,6 +439,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"**{s['naive'] / s['cached']:.0f}×** faster than naive | default |",
         f"| Optuna, {o['trials']} trials of small_similar (50 head epochs each) | {o['wall_s']:.1f} s | "
         f"start-up + one pass + {o['wall_s'] - d['floor_s']:.1f} s | `transfer-train hparams_search=small_similar_optuna` |",
+        f"| one trial, in this process, warm features: Hydra composing its config | {t['compose_s']:.2f} s | | "
+        "bench `trial_parts` |",
+        f"| one trial's `train()`: build, then {t['epochs']} head epochs with the template's metrics, logger, "
+        f"callbacks, best checkpoints | {t['train_s']:.2f} s | | bench `trial_parts` |",
+        f"| the same {t['epochs']} head epochs in a bare LightningModule (no metrics, logger, callbacks, "
+        f"checkpoints) | {t['bare_lightning_s']:.2f} s | trial `train()` = **{t['train_s'] / t['bare_lightning_s']:.1f}×** "
+        "bare Lightning | bench `trial_parts` |",
+        f"| the same {t['epochs']} head epochs in a plain PyTorch loop | {t['plain_s']:.2f} s | bare Lightning = "
+        f"**{t['bare_lightning_s'] / t['plain_s']:.1f}×** the plain loop | bench `trial_parts` |",
     ]
     best = h[f"cached, {auto}"]
     return "\n".join(
