@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from tests.conftest import CASES
+from tests.helpers.cli import run_console_script
 from transfer_cases import build, config_dir
 from transfer_cases.cases import Case
 from transfer_cases.cli import instantiate_list
@@ -139,16 +140,17 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path, fresh: bool = False) -> subprocess.CompletedProcess[str]:
+    """A `transfer-*` command as a user runs it (own argv, cwd, environment, streams and exit code);
+    in a forked child of a pre-imported interpreter unless `fresh` (see tests/helpers/cli.py)."""
     exe = Path(sys.executable).with_name(args[0])
-    return subprocess.run(
-        [str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, env=cli_env(), timeout=300
-    )
+    return run_console_script([str(exe), *args[1:]], cwd=cwd, env=cli_env(), timeout=300, fresh=fresh)
 
 
 def test_a_single_run_from_the_command_line(tmp_path: Path, image_folder: Path) -> None:
-    """A single (not multirun) job; every case runs through the command line in test_multirun's
-    four-case sweep, which checks the same lines of each job's output."""
+    """A single (not multirun) job, in a fresh interpreter as a user starts it (the package's import
+    included); every case runs through the command line in test_multirun's four-case sweep, which
+    checks the same lines of each job's output."""
     case = "large_different"
     run = run_cli(
         "transfer-train",
@@ -158,6 +160,7 @@ def test_a_single_run_from_the_command_line(tmp_path: Path, image_folder: Path) 
         "debug=fdr",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
+        fresh=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"case={case}" in run.stdout + run.stderr  # the parameter-count line at fit start

@@ -36,6 +36,7 @@ def test_ddp_cpu_two_processes(tmp_path: Path, image_folder: Path, case: str) ->
         "callbacks.progress_bar.refresh_rate=0",
         f"+callbacks.freeze_guard.report_dir={guard_dir}",
         cwd=tmp_path,
+        fresh=True,  # Lightning starts the other rank from sys.argv
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "find_unused_parameters=True" not in run.stderr and "did not receive grad" not in run.stderr
