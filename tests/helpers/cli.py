@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
-import select
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ZYGOTE = r"""
-import atexit, json, os, sys, traceback
+import atexit, json, os, signal, sys, time, traceback
 from importlib.metadata import entry_points
 
 sys.path[0] = os.path.dirname(sys.executable)  # a console script's own folder, not the cwd of `-c`
@@ -68,9 +65,15 @@ for line in protocol_in:
             code = run(request)
         finally:
             os._exit(code)
-    protocol_out.write(json.dumps({"pid": pid}) + "\n")
-    _, status = os.waitpid(pid, 0)
-    protocol_out.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+    deadline, timed_out = time.monotonic() + request["timeout"], False
+    while not (status := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            status, timed_out = os.waitpid(pid, 0), True
+            break
+        time.sleep(0.01)
+    returncode = os.waitstatus_to_exitcode(status[1])
+    protocol_out.write(json.dumps({"returncode": returncode, "timed_out": timed_out}) + "\n")
 """
 
 
@@ -97,26 +100,15 @@ class Zygote:
             out.touch()
             err.touch()
             request = {"argv": argv, "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
-            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
             self.proc.stdin.flush()
-            pid = json.loads(self._line(timeout=120))["pid"]
-            try:
-                returncode = json.loads(self._line(timeout))["returncode"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                self._line(timeout=60)
-                raise subprocess.TimeoutExpired(argv, timeout) from None
-            return subprocess.CompletedProcess(argv, returncode, out.read_text(), err.read_text())
-
-    def _line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the CLI zygote exited (status {self.proc.wait()})")
-        return line
+            line = self.proc.stdout.readline()  # answered when the child has ended (or was killed)
+            if not line:
+                raise RuntimeError(f"the CLI zygote exited (status {self.proc.wait()})")
+            answer = json.loads(line)
+            if answer["timed_out"]:
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(argv, answer["returncode"], out.read_text(), err.read_text())
 
     def close(self) -> None:
         if self.proc.poll() is None:
