@@ -103,3 +103,25 @@ def test_cli_full_disk_is_one_message_not_a_chained_traceback(tmp_path: Path, im
     assert [p.name for p in (run / "checkpoints").iterdir()] == []
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "no space left on device" in summary["error"]
+
+
+def test_atomic_write_never_changes_the_process_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the umask means setting it for every thread: another thread would create world-writable
+    files in that window. The file still gets the mode a plain open gives under the current umask."""
+    from transfer_cases.atomic import atomic_write_text
+
+    def no_umask(mask: int) -> int:
+        raise AssertionError(f"os.umask({mask:#o}) called: the umask changes for every thread")
+
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", no_umask)
+        atomic_write_text(tmp_path / "a.json", "{}", what="run summary")
+        atomic_write_text(tmp_path / "a.json", "{}", what="run summary")  # over an existing file
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert os.listdir(tmp_path) == ["a.json"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -36,11 +36,10 @@ def atomic_write(
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _create_temp(path)
     except OSError as e:
         raise output_error(e, path, what, space_hint) from None
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -53,10 +52,22 @@ def atomic_write(
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, exclusive temporary file next to `path`, created with mode 0666 so that the kernel
+    applies the umask (and any default ACL) as for a plain `open`: the final file gets the usual mode.
+
+    Unlike `tempfile.mkstemp` (0600, then a chmod that needs the umask), this never calls `os.umask`,
+    which can only be read by changing it for the whole process, and so for every other thread.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
 def atomic_write_text(path: str | Path, text: str, *, what: str) -> None:
