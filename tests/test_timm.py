@@ -78,6 +78,35 @@ def test_timm_body_matches_feature_info_and_pre_logits(name: str) -> None:
     assert {id(p) for p in body.parameters()} == {id(p) for p in model.parameters()}
 
 
+@pytest.mark.parametrize("name", STEP_MODELS)
+@pytest.mark.parametrize("root_training", [True, False], ids=["root-train", "root-eval"])
+def test_drop_rate_follows_the_body_train_and_eval(name: str, root_training: bool) -> None:
+    """timm's forward_head reads the root model's `training` flag: it must follow the body's, whatever
+    mode the root model was left in."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_rate=0.5)
+    model.reset_classifier(0)
+    body = staged_body(model, f"timm/{name}")
+    model.train(root_training)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        body.eval()
+        first, second = body(x), body(x)
+        state = {k: v.clone() for k, v in body.state_dict().items()}
+        body.train()
+        dropped = [body(x) for _ in range(2)]
+        body.load_state_dict(state)  # train mode moved the BatchNorm statistics
+        body.eval()
+        again = body(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    # Train mode: the same values before dropout (batch statistics), but other elements zeroed each call.
+    kept = (dropped[0] != 0) & (dropped[1] != 0)
+    torch.testing.assert_close(dropped[0][kept], dropped[1][kept])
+    assert ((dropped[0] == 0) != (dropped[1] == 0)).float().mean() > 0.1
+    assert model.training == root_training  # the root model's own flag is left as it was
+
+
 def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.clone() for n, b in module.named_buffers() if "running_" in n or "num_batches" in n}
 

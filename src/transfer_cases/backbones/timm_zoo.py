@@ -40,7 +40,10 @@ class TimmPreLogits(nn.Module):
     """The full body's pooling: the rest of `forward_features`, then `forward_head(pre_logits=True)`.
 
     `head` registers the model's head modules here (their parameters are the body's); the model's
-    own `forward_head` is kept as a plain callable so it runs them the way timm does.
+    own `forward_head` is kept as a plain callable so it runs them the way timm does. That method
+    reads the root model's own `training` flag (ResNet's and EfficientNet's `drop_rate` dropout), and
+    the root is no submodule here (its parameters are the stages'), so each call lends it this
+    module's flag: `.train()`/`.eval()` on the body switch that dropout too.
     """
 
     def __init__(
@@ -52,7 +55,15 @@ class TimmPreLogits(nn.Module):
         self.forward_head = forward_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.tail(x), pre_logits=True)
+        x = self.tail(x)
+        owner = getattr(self.forward_head, "__self__", None)
+        if not isinstance(owner, nn.Module):
+            return self.forward_head(x, pre_logits=True)
+        before, owner.training = owner.training, self.training
+        try:
+            return self.forward_head(x, pre_logits=True)
+        finally:
+            owner.training = before
 
 
 @dataclass
