@@ -8,6 +8,8 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -20,8 +22,9 @@ from transfer_cases import asset_path
 from transfer_cases.checkpoint import load_module
 from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.data.transforms import eval_transform
-from transfer_cases.export import FORMATS, main
+from transfer_cases.export import FORMATS, main, usage
 from transfer_cases.module import TransferModule
+from transfer_cases.preprocess import Preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
@@ -280,3 +283,65 @@ def test_onnx_without_the_extra_names_the_install_command(
     err = run_main([str(checkpoint("tiny")), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys)
     assert 'pip install -e ".[export]"' in err and "onnxscript" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _fake_onnxruntime(info: dict[str, Any], inputs: list[np.ndarray]) -> ModuleType:
+    """An `onnxruntime` whose session holds `info` as metadata and records what it is given."""
+
+    class Session:
+        def __init__(self, path: str, providers: list[str]) -> None:
+            pass
+
+        def get_modelmeta(self) -> SimpleNamespace:
+            return SimpleNamespace(custom_metadata_map={k: json.dumps(v) for k, v in info.items()})
+
+        def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            inputs.append(feed["image"])
+            return [np.array([[0.25, 0.75]], np.float32)]
+
+    return SimpleNamespace(InferenceSession=Session)  # type: ignore[return-value]
+
+
+def _grey16(path: Path) -> Path:
+    """A 16-bit grey PNG spanning 0..65535: PIL's convert("RGB") would clip it to mostly white."""
+    ramp = np.linspace(0, 65535, 48 * 40).reshape(40, 48).astype(np.uint16)
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    return path
+
+
+def _palette_with_transparency(path: Path) -> Path:
+    img = Image.new("P", (30, 50))
+    img.putpalette([0, 0, 0, 250, 10, 10, 10, 250, 10] + [0] * 759)
+    img.paste(1, (0, 0, 15, 50))
+    img.paste(2, (15, 0, 30, 25))
+    img.save(path, transparency=0)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _grey16,
+        _palette_with_transparency,
+        lambda p: Image.open(IMAGES[0]).convert("LA").save(p) or p,
+        lambda p: Image.open(IMAGES[1]).save(p) or p,
+    ],
+    ids=["grey16", "palette-transparent", "grey-alpha", "rgb"],
+)
+def test_onnx_snippet_preprocesses_like_the_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[Path], Path]
+) -> None:
+    """The printed snippet's array is the validation transform's, whatever the image mode."""
+    image = make(tmp_path / "image.png")
+    prep = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize_size=36, crop_size=32)
+    inputs: list[np.ndarray] = []
+    info = {"preprocess": prep.to_dict(), "class_names": ["dark", "light"]}
+    monkeypatch.setitem(sys.modules, "onnxruntime", _fake_onnxruntime(info, inputs))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(usage("onnx", tmp_path / "m.onnx", str(image)), "snippet", "exec"), {})
+    assert printed.getvalue().split()[0] == "light"
+    (x,) = inputs
+    expected = eval_transform(prep)(Image.open(image)).numpy()[None]
+    assert x.shape == expected.shape == (1, 3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected, atol=1e-5)

@@ -212,14 +212,29 @@ def run(x):
 """,
 }
 
-# The validation transform (transfer_cases.data.transforms.eval_transform) in PIL and numpy.
+# The validation transform (transfer_cases.data.transforms.eval_transform) in PIL and numpy; `to_rgb`
+# is the pipeline's own (transforms.to_rgb, less its error messages): PIL's convert("RGB") clips
+# 16-bit grey at 255, so a 16-bit scan would reach the model near white. tests/test_export.py keeps
+# the two equal.
 _PREPROCESS = """\
+
+
+def to_rgb(img):
+    \"\"\"As training reads images: 16-bit grey scaled (not clipped) to 8 bit, float grey read as 0..1,
+    transparent palettes through RGBA.\"\"\"
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        x = np.asarray(img)
+        x = x * 255.0 if img.mode == "F" else x.astype(np.float64) / 257.0
+        img = Image.fromarray(np.rint(x).astype(np.uint8))
+    elif img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def preprocess(path):
     \"\"\"Resize the short side, centre-crop, scale to [0, 1], normalise: a (1, 3, crop, crop) batch.\"\"\"
     p = info["preprocess"]
-    img = Image.open(path).convert("RGB")
+    img = to_rgb(Image.open(path))
     (w, h), size, crop = img.size, p["resize_size"], p["crop_size"]
     long = int(size * max(w, h) / min(w, h))
     img = img.resize((size, long) if w <= h else (long, size), Image.BILINEAR)
