@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -345,3 +346,10 @@ def test_onnx_snippet_preprocesses_like_the_pipeline(
     expected = eval_transform(prep)(Image.open(image)).numpy()[None]
     assert x.shape == expected.shape == (1, 3, 32, 32) and x.dtype == np.float32
     np.testing.assert_allclose(x, expected, atol=1e-5)
+
+
+def test_readme_onnx_snippet_is_what_the_command_prints() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    onnx = [b for b in blocks if "import onnxruntime as ort" in b]
+    assert onnx == [usage("onnx", "epoch04.onnx", "bee.jpg")]
