@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -165,3 +167,34 @@ def test_a_single_run_from_the_command_line(tmp_path: Path, image_folder: Path) 
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"case={case}" in run.stdout + run.stderr  # the parameter-count line at fit start
     assert "val/acc" in run.stdout  # the final metrics table
+
+
+def readme_multi_node_commands() -> list[list[str]]:
+    """The overrides of every `transfer-train ... trainer.num_nodes=N` command in the README's bash
+    blocks, continuation lines joined and shell variables given a value."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.lstrip().startswith("#") or "num_nodes" not in line:
+                continue
+            words = shlex.split(re.sub(r"\$(\w+)", r"\1_VALUE", line.split(" # ")[0]))
+            at = next(i for i, w in enumerate(words) if w.rstrip(")").endswith("transfer-train"))
+            commands.append(words[at + 1 :])
+    return commands
+
+
+@pytest.mark.parametrize("preset", options("trainer"))
+def test_every_trainer_preset_takes_num_nodes(compose_train: Callable[..., DictConfig], preset: str) -> None:
+    assert compose_train(f"trainer={preset}").trainer.num_nodes == 1
+    assert compose_train(f"trainer={preset}", "trainer.num_nodes=2").trainer.num_nodes == 2
+
+
+def test_readme_multi_node_commands_compose(compose_train: Callable[..., DictConfig]) -> None:
+    commands = readme_multi_node_commands()
+    presets = {o.split("=", 1)[1] for c in commands for o in c if o.startswith("trainer=")}
+    assert len(commands) >= 3 and {"ddp", "ddp_cpu"} <= presets
+    for overrides in commands:
+        cfg = compose_train(*overrides)
+        nodes = next(o for o in overrides if o.startswith("trainer.num_nodes="))
+        assert cfg.trainer.num_nodes == int(nodes.split("=")[1]) > 1, overrides
