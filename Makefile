@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 DEST ?=
 
-.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix matrix-real new clean
+.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix matrix-real notebook new clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,14 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 
 matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto, LP-FT); ~1.5 h, resumable
 	$(BIN)/python -m transfer_cases.tools.matrix_real $(ARGS)
+
+# `jupyter execute` (nbclient, in the dev extras) starts the kernel in notebooks/; the notebook puts a
+# relative OUTPUT_DIR under the project root, so logs, figures and results.json land in outputs/notebook/
+# with the executed copy. JUPYTER_PREFER_ENV_PATH: this environment's python3 kernel before a user one.
+notebook: $(STAMP)  ## run notebooks/01_four_cases.ipynb headless; results and executed copy in outputs/notebook/
+	@mkdir -p outputs/notebook
+	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter execute --output="$(CURDIR)/outputs/notebook/01_four_cases" \
+		notebooks/01_four_cases.ipynb $(ARGS)
 
 bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (~35 min on 2 cores)
 	$(BIN)/python bench/bench.py $(ARGS)
