@@ -69,9 +69,10 @@ bench: $(STAMP)  ## measure the template's costs side by side; writes bench/resu
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
 	$(BIN)/python -m transfer_cases.tools.gpu_check $(ARGS)
 
-new: $(STAMP)  ## a new project for a new task from this repository (DEST=../my-task)
-	@test -n "$(DEST)" || { echo "usage: make new DEST=../my-task"; exit 2; }
-	$(BIN)/copier copy --trust --vcs-ref HEAD . "$(DEST)"
+# ARGS go to copier: ARGS="--defaults -d data_path=/data/cats" answers without a terminal (scripts, CI).
+new: $(STAMP)  ## a new project for a new task from this repository (DEST=../my-task [ARGS="--defaults -d ..."])
+	@test -n "$(DEST)" || { echo 'usage: make new DEST=../my-task [ARGS="--defaults -d data_path=/data/cats"]'; exit 2; }
+	$(BIN)/copier copy --trust --vcs-ref HEAD $(ARGS) . "$(DEST)"
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -41,8 +41,9 @@ TEMPLATE_ONLY = (
     "src/{package}/tools/new_project.py",
 )
 NEW_TASK_SECTION = re.compile(r"^## Start a new (task|project)\b.*?(?=^## |\Z)", re.M | re.S)
-# The Makefile's `new` rule (its recipe lines start with a tab) and the variable only it uses.
-MAKE_NEW_RULE = re.compile(r"^new:.*\n(?:\t.*\n)*\n?", re.M)
+# The Makefile's `new` rule with the comment lines just above it (its recipe lines start with a tab)
+# and the variable only it uses.
+MAKE_NEW_RULE = re.compile(r"^(?:#.*\n)*new:.*\n(?:\t.*\n)*\n?", re.M)
 MAKE_DEST_VAR = re.compile(r"^DEST\s*\?=.*\n", re.M)
 # A YAML scalar that needs no quotes: a path without spaces, `#`, quotes or a leading indicator.
 PLAIN_YAML = re.compile(r"[\w./~$][\w./~${}:@+=,-]*")
