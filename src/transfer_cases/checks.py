@@ -17,16 +17,23 @@ from transfer_cases.errors import ConfigError, OutputError, TransferCasesError
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Everything `transfer-train` needs from its config before it builds a model."""
+    """Everything `transfer-train` needs from its config before it builds a model.
+
+    Runs before the advisor too (`case=auto`, a typo must not cost an extraction): the auto case's
+    unset fields (null until the advisor picks a case) are then skipped, the ones set checked."""
     trainer = cfg.trainer
     # trainer.max_epochs follows case.epochs unless set: name the setting the user actually wrote.
     key = "case.epochs" if _follows_case_epochs(trainer) else "trainer.max_epochs"
-    positive_int(
-        trainer.get("max_epochs"),
-        key,
-        example=f"{key}=5",
-        why={-1: " (-1 would train forever)", 0: " (0 trains nothing and leaves no checkpoint)"},
-    )
+    auto = (cfg.get("case") or {}).get("name") == "auto"
+    if auto:
+        _check_auto_case(cfg.case)
+    if not (auto and key == "case.epochs" and cfg.case.get("epochs") is None):
+        positive_int(
+            trainer.get("max_epochs"),
+            key,
+            example=f"{key}=5",
+            why={-1: " (-1 would train forever)", 0: " (0 trains nothing and leaves no checkpoint)"},
+        )
     model = cfg.get("model") or {}
     optimizer = model.get("optimizer") or {}
     if "lr" in optimizer:
@@ -40,6 +47,19 @@ def check_train_config(cfg: DictConfig) -> None:
         positive_int(scheduler.T_max, "model.scheduler.T_max", example="model.scheduler.T_max=10")
     check_accelerator(trainer)
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
+
+
+def _check_auto_case(case: DictConfig) -> None:
+    """The fields set on `case=auto` (they win over the advised case's)."""
+    if case.get("epochs") is not None:
+        positive_int(case.epochs, "case.epochs", example="case.epochs=5")
+    probe = case.get("probe_epochs")
+    if probe is not None and (isinstance(probe, bool) or not isinstance(probe, int) or probe < 0):
+        raise ConfigError(f"case.probe_epochs={probe!r} is not a whole number >= 0; e.g. case.probe_epochs=5")
+    if case.get("body_lr_scale") is not None:
+        number_in(case.body_lr_scale, "case.body_lr_scale", 0, None, "=0.1")
+    if case.get("bn_mode") not in (None, "train", "eval"):
+        raise ConfigError(f"case.bn_mode={case.bn_mode!r} must be 'train' or 'eval'; e.g. case.bn_mode=eval")
 
 
 def check_eval_config(cfg: DictConfig) -> None:

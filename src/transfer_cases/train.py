@@ -32,8 +32,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     `case=auto` is resolved first (the advisor picks the case). A case with `probe_epochs` runs
     LP-FT: a head-only fit on the frozen body (cached features), then the fine-tuning fit.
     """
+    check_train_config(cfg)  # before the advisor: a typo must not cost an extraction (case=auto)
     advice = resolve_auto_case(cfg)
-    check_train_config(cfg)
+    if advice is not None:
+        check_train_config(cfg)  # the advised case's own settings
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     trainer, phases = fit_phases(cfg, module, datamodule)
