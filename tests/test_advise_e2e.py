@@ -96,6 +96,8 @@ def test_case_auto_trains_the_advised_case_on_the_embedded_data(
 ) -> None:
     cfg = compose_train(
         "case=auto",
+        "data=hymenoptera",  # the embedded data by name: a new project's default data may be its own
+        "backbone=mobilenet_v2",
         "data.samples_per_class=20",
         "trainer.max_epochs=3",
         "callbacks.progress_bar.refresh_rate=0",

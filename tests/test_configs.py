@@ -112,8 +112,9 @@ def test_experiments_compose(compose_train: Callable[..., DictConfig], experimen
     assert cfg.case.name in CASES and "_target_" in cfg.data
 
 
-def test_default_config_builds_the_embedded_job(compose_train: Callable[..., DictConfig]) -> None:
-    module, dm = build(compose_train())
+def test_the_embedded_job_builds(compose_train: Callable[..., DictConfig]) -> None:
+    """The template's default job, named explicitly: a new project's default data may be its own."""
+    module, dm = build(compose_train("data=hymenoptera", "backbone=mobilenet_v2", "case=small_similar"))
     assert isinstance(module, TransferModule)
     assert module.case.name == "small_similar" and module.backbone.fully_frozen
     assert dm.classes == ["ants", "bees"] and module.head[-1].out_features == 2

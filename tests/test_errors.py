@@ -118,7 +118,9 @@ def test_one_class_only(compose_train: Callable[..., DictConfig], tmp_path: Path
 def test_corrupt_image_names_the_file(compose_train: Callable[..., DictConfig], image_folder: Path) -> None:
     bad = image_folder / "train" / "a" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    _, dm = build(compose_train(*TINY_OVERRIDES, f"data.root={image_folder}", "cache.enabled=false"))
+    # The loader names the file (data.check_images, which data=imagefolder turns on, would stop setup).
+    overrides = ("data=imagefolder", f"data.root={image_folder}", "data.check_images=false")
+    _, dm = build(compose_train(*TINY_OVERRIDES, *overrides, "cache.enabled=false"))
     dm.setup()
     index = [
         i

@@ -110,10 +110,13 @@ def generated(template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def light_venv(generated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_light_venv(generated, tmp_path_factory.mktemp("venv"))
+
+
+def make_light_venv(generated: Path, venv: Path) -> Path:
     """A venv seeing this environment's packages, with the generated project installed editable."""
     pytest.importorskip("hatchling", reason="the build backend; in the dev extras")
     pytest.importorskip("editables", reason="hatchling's editable installs; in the dev extras")
-    venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = subprocess.run(
@@ -129,6 +132,24 @@ def light_venv(generated: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     install += ["--no-deps", "--no-build-isolation", "-e", str(generated)]
     subprocess.run(install, check=True, capture_output=True, env=clean_env(), timeout=300)
     return venv
+
+
+def own_image_folder(root: Path, per_class: int = 8) -> Path:
+    """A user's ImageFolder (`train/` and `val/`, two classes that are not ants and bees), from a few
+    of the embedded photos."""
+    embedded = ROOT / "src" / "transfer_cases" / "assets" / "hymenoptera"
+    for split in ("train", "val"):
+        for mine, theirs in (("cats", "ants"), ("dogs", "bees")):
+            (root / split / mine).mkdir(parents=True)
+            for photo in sorted((embedded / split / theirs).glob("*.jpg"))[:per_class]:
+                shutil.copy2(photo, root / split / mine / photo.name)
+    return root
+
+
+def make_args(venv: Path, stamp: Path) -> list[str]:
+    """Make variables that use `venv` as the project's environment, already installed (no pip)."""
+    stamp.touch()
+    return [f"VENV={venv}", f"STAMP={stamp}"]
 
 
 def run_in(venv: Path, cwd: Path, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -251,11 +272,19 @@ def test_generated_project_is_renamed_and_configured(
     assert cfg.case.name == ("large_similar" if custom else "small_similar")
     assert cfg.backbone.arch == ("resnet18" if custom else "mobilenet_v2")
     assert cfg.backbone._target_.startswith(f"{package}.")
+    embedded_job = "The default job is case `small_similar` on the **embedded** data and weights"
+    quick_start = " ".join(readme.split("## Quick start", 1)[1].split("\n## ", 1)[0].split())
     if custom:
         assert cfg.data.root == "/data/x" and cfg.data._target_.endswith("ImageFolderDataModule")
         assert "- data: imagefolder" in (gen / "configs" / "eval.yaml").read_text()
+        # The README and `make help` describe this project's default job, not the template's.
+        assert embedded_job not in readme and "default-job" not in readme
+        assert "case `large_similar`" in quick_start and "`/data/x` (`data=imagefolder`" in quick_start
+        assert "configs/backbone/resnet18.yaml" in quick_start
+        assert "large_similar, resnet18 on /data/x (data=imagefolder)" in makefile
     else:
         assert OmegaConf.to_container(cfg.data)["root"] == "${asset:hymenoptera}"
+        assert embedded_job in quick_start
 
 
 def test_generated_project_installs_and_runs(generated: Path, light_venv: Path) -> None:
@@ -281,10 +310,64 @@ def test_generated_project_installs_and_runs(generated: Path, light_venv: Path) 
         assert "make new" not in targets.stdout
 
 
+def test_template_default_job_is_the_embedded_one() -> None:
+    """The template's own default job (what `make train` runs here): the embedded data and weights."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train")
+    finally:
+        GlobalHydra.instance().clear()
+    assert OmegaConf.to_container(cfg.data)["root"] == "${asset:hymenoptera}"
+    assert (cfg.case.name, cfg.backbone.arch) == ("small_similar", "mobilenet_v2")
+
+
+def test_make_new_answers_from_args_without_a_terminal(template: Path, tmp_path: Path) -> None:
+    """`make new DEST=... ARGS="--defaults -d ..."` as a script or CI runs it: stdin is no terminal."""
+    copier = Path(sys.prefix) / "bin" / "copier"
+    if shutil.which("make") is None or not copier.is_file():
+        pytest.skip("needs make and copier (in the dev extras) in this environment")
+    dest = tmp_path / "cli-task"
+    args = "--defaults -d project_name=cli-task -d data_path=/data/y -d default_case=auto"
+    run = subprocess.run(
+        ["make", "new", f"DEST={dest}", f"ARGS={args}", *make_args(Path(sys.prefix), tmp_path / "stamp")],
+        cwd=template,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    train = (dest / "configs" / "train.yaml").read_text()
+    assert "- case: auto" in train and "- data: imagefolder" in train
+    assert "root: /data/y" in (dest / "configs" / "data" / "imagefolder.yaml").read_text()
+    assert (dest / "src" / "cli_task").is_dir() and (dest / "README.md").read_text().startswith(
+        "# cli-task\n"
+    )
+    makefile = (dest / "Makefile").read_text()
+    assert "\nnew:" not in makefile and "copier" not in makefile
+
+
 @pytest.mark.slow
-def test_generated_project_fast_suite_passes(generated: Path, light_venv: Path) -> None:
-    basetemp = str(generated.parent / "pytest-tmp")
-    args = ("python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--basetemp", basetemp)
-    run = run_in(light_venv, generated, *args, timeout=1800)
+@pytest.mark.parametrize("own_data", [False, True], ids=["defaults", "own-image-folder"])
+def test_generated_project_make_test_passes(
+    template: Path, generated: Path, tmp_path: Path, own_data: bool
+) -> None:
+    """A new project's own `make test` holds for its answers: with the default ones, and pointed at the
+    user's image folder (whose classes are not the embedded ants and bees)."""
+    if own_data:
+        images = own_image_folder(tmp_path / "my images")
+        project = generate(template, tmp_path / "pets", project_name="pets", data_path=str(images))
+        assert f"`{images}`" in " ".join((project / "README.md").read_text().split())
+    else:
+        project = generated
+    venv = make_light_venv(project, tmp_path / "venv")
+    basetemp = f"--basetemp={tmp_path / 'pytest-tmp'}"
+    if shutil.which("make"):
+        cmd = ["make", "test", f"ARGS=-p no:cacheprovider {basetemp}", *make_args(venv, tmp_path / "stamp")]
+    else:
+        cmd = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", basetemp]
+    env = {k: v for k, v in clean_env().items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    run = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    assert " passed" in run.stdout and " failed" not in run.stdout

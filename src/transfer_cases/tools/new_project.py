@@ -200,6 +200,53 @@ def rewrite_readme(root: Path, answers: Answers) -> None:
     path.write_text(head + (text[match.end() :] if match else "\n" + text), encoding="utf-8")
 
 
+DEFAULT_JOB = re.compile(r"^<!-- default-job\b.*?-->\n.*?^<!-- /default-job -->\n", re.M | re.S)
+
+
+def describe_default_job(answers: Answers) -> str:
+    """The README passage on the default job, for the new project's own answers."""
+    if answers.data_path:
+        data = (
+            f"your images in `{answers.data_path}` (`data=imagefolder`: `train/<class>/` and "
+            "`val/<class>/` folders, or one folder per class split by `data.val_fraction`)"
+        )
+    else:
+        data = "the **embedded** hymenoptera images (ants vs bees, 245 train / 153 val images)"
+    if answers.backbone == "mobilenet_v2":
+        weights = "the **embedded** ImageNet-1k MobileNetV2 (no download)"
+    else:
+        weights = f"the pretrained weights of `configs/backbone/{answers.backbone}.yaml` (downloaded once)"
+    text = (
+        f"The default job (`configs/train.yaml`) is case `{answers.case}` with {weights}, on {data}. "
+        "The embedded ants/bees and MobileNetV2 stay in the package: `data=hymenoptera` and "
+        "`backbone=mobilenet_v2` run offline, and the tests and the notebook use them by name."
+    )
+    return textwrap.fill(text, width=100) + "\n"
+
+
+def rewrite_default_job(root: Path, answers: Answers) -> None:
+    """The README's default-job passage and `make train`'s help line follow the answers."""
+    template = Answers()  # the template's own default job: its README passage already says so
+    if (answers.data_path, answers.case, answers.backbone) == (
+        template.data_path,
+        template.case,
+        template.backbone,
+    ):
+        return
+    readme = root / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        readme.write_text(DEFAULT_JOB.sub(lambda m: describe_default_job(answers), text), encoding="utf-8")
+    makefile = root / "Makefile"
+    if makefile.is_file():
+        data = f"{answers.data_path} (data=imagefolder)" if answers.data_path else "embedded hymenoptera"
+        help_line = f'the default job: {answers.case}, {answers.backbone} on {data} (ARGS="case=... ...")'
+        text = re.sub(
+            r"^(train:[^#\n]*## ).*$", lambda m: m.group(1) + help_line, makefile.read_text(), flags=re.M
+        )
+        makefile.write_text(text, encoding="utf-8")
+
+
 def remove_template_machinery(root: Path, package: str) -> None:
     """Drop what only creates new projects: copier.yml, this script, its test, `make new`, its README part."""
     for rel in TEMPLATE_ONLY:
@@ -226,6 +273,7 @@ def rename_project(root: Path, answers: Answers) -> None:
     rename_package(root, answers.package_name)
     set_defaults(root, answers)
     rewrite_readme(root, answers)
+    rewrite_default_job(root, answers)
     for cache in root.rglob("__pycache__"):
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -237,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project-name", required=True, help="distribution name and console-script prefix")
     parser.add_argument("--package-name", required=True, help="Python import name")
     parser.add_argument("--data-path", default="", help="image folder for data=imagefolder (empty: embedded)")
-    parser.add_argument("--case", default=Answers.case, choices=CASES)
+    parser.add_argument("--case", default=Answers.case, choices=(*CASES, "auto"))  # copier.yml offers auto
     parser.add_argument("--backbone", default=Answers.backbone, help="a file stem of configs/backbone/")
     parser.add_argument("--root", type=Path, default=Path(), help="the copy to rewrite (default: cwd)")
     args = parser.parse_args(argv)
