@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from transfer_cases.advise import StageScores, decide, score_stages
-from transfer_cases.advise.scores import stratified_subset
+from transfer_cases.advise.scores import nested_subsets, stratified_subset
 from transfer_cases.errors import DataError
 
 SMALL = {c: 20 for c in ("a", "b", "c", "d")}
@@ -167,7 +167,10 @@ def stage_features(
 
 
 def advise_on(
-    per_class: int, informative: Iterable[int], random_informative: Iterable[int] = (), strength: float = 6.0
+    per_class: int,
+    informative: Iterable[int],
+    random_informative: Iterable[int] = (),
+    strength: float = 6.0,
 ):
     labels = np.repeat(np.arange(4), per_class)
     pretrained = stage_features(labels, informative, seed=1, strength=strength)
@@ -186,9 +189,73 @@ def test_labels_separable_at_the_last_stage_keep_the_body() -> None:
     assert advise_on(20, informative=[4]).case == "small_similar"
 
 
-def test_many_samples_per_class_give_the_large_cases() -> None:
-    assert advise_on(150, informative=[4]).case == "large_similar"
-    assert advise_on(150, informative=[2]).case == "large_different"
+def test_many_samples_and_a_saturated_probe_train_the_head_alone() -> None:
+    # Well-separated classes: the probe is perfect from a quarter of the samples on. 150 per class
+    # is large by count, but nothing says fine-tuning would gain: the cheaper head-only case.
+    similar = advise_on(150, informative=[4])
+    assert similar.stages[3].curve_acc == (1.0, 1.0, 1.0)
+    assert (similar.size, similar.case, similar.freeze, similar.keep) == (
+        "large",
+        "small_similar",
+        "all",
+        None,
+    )
+    assert "saturated; error left 0.000 <= 0.1 -> the frozen features already serve" in similar.reasoning[-2]
+    different = advise_on(150, informative=[2])
+    assert (different.case, different.keep, different.freeze) == ("small_different", 2, "all")
+
+
+def test_many_samples_and_features_far_from_solving_the_task_fine_tune() -> None:
+    # Half-separated classes: the probe stays near 0.7 however many samples it gets, far from what
+    # adapted features could reach: with 150 per class, fine-tuning.
+    similar = advise_on(150, informative=[4], strength=1.5)
+    assert similar.stages[3].probe_pretrained < 0.85
+    assert (similar.size, similar.case, similar.freeze) == ("large", "large_similar", "none")
+    assert "> 0.1 -> fine-tuning should gain -> fine-tune" in similar.reasoning[-2]
+    assert advise_on(150, informative=[2], strength=1.5).case == "large_different"
+
+
+def curve_rows(curve: Iterable[float], std: float = 0.01) -> list[StageScores]:
+    """Two stages; the full body's probe has the learning curve `curve` (25, 50, 100 per class)."""
+    curve = tuple(curve)
+    first, last = rows([0.5, curve[-1]], std=std)
+    last = replace(last, curve_per_class=(25, 50, 100), curve_acc=curve, curve_std=(std,) * len(curve))
+    return [first, last]
+
+
+def test_a_probe_still_improving_with_more_data_fine_tunes_large_data_only() -> None:
+    # 0.90 -> 0.95 from 50 to 100 per class, 7.9 standard errors: the head is still hungry for data,
+    # though the error left (0.05) is small.
+    improving = curve_rows([0.80, 0.90, 0.95])
+    advice = decide(LARGE, improving)
+    assert (advice.case, advice.freeze) == ("large_similar", "none")
+    assert "last doubling +0.050 > 0.010" in advice.reasoning[-2]
+    assert "still improving; error left 0.050 <= 0.1" in advice.reasoning[-2]
+    assert decide(SMALL, improving).case == "small_similar"  # small data never fine-tunes on it
+    assert decide(LARGE, curve_rows([0.90, 0.95, 0.95])).case == "small_similar"  # saturated
+
+
+def test_the_fine_tuning_evidence_thresholds_are_parameters_shown_with_their_source() -> None:
+    improving = curve_rows([0.80, 0.90, 0.95])
+    assert decide(LARGE, improving, improving_margin=0.06).case == "small_similar"
+    assert decide(LARGE, improving, improving_sems=8).case == "small_similar"  # 0.05 is 7.9 SE
+    saturated = curve_rows([0.90, 0.95, 0.95])
+    advice = decide(LARGE, saturated, finetune_headroom=0.04, finetune_source="from a test")
+    assert advice.case == "large_similar"
+    assert "error left 0.050 > 0.04" in advice.reasoning[-2] and "(rule: from a test)" in advice.reasoning[-2]
+    # Scores without a learning curve: the size alone decides, and the reasoning says so.
+    assert "the size alone decides" in decide(LARGE, rows([0.5, 0.9])).reasoning[-2]
+
+
+def test_solved_features_no_better_than_random_ones_say_so_without_a_contradiction() -> None:
+    # The random network solves it too: the gain (+0.005) is no clear gain, but the pretrained
+    # features already separate the classes, which is why they are not "unrelated".
+    advice = decide(SMALL, rows([0.7, 0.995], [0.6, 0.99], std=0.01))
+    assert advice.similarity == "similar"
+    line = advice.reasoning[3]
+    assert "beats" not in line
+    assert line.startswith("gain over the random network +0.005 <= 0.010, but the pretrained features")
+    assert "already solve the task (peak 0.995 >= 1 - 0.02) -> not unrelated" in line
 
 
 def test_pretrained_features_no_better_than_random_ones_recommend_fine_tuning_or_scratch() -> None:
@@ -216,6 +283,22 @@ def test_score_stages_fills_every_row() -> None:
     assert scores[0].probe_pretrained > scores[1].probe_pretrained
     assert scores[0].logme_pretrained > scores[1].logme_pretrained
     assert scores[0].probe_random == pytest.approx(1 / 3, abs=0.1)  # constant features: one class wins
+    # H-score (shrinkage-based) beside LogME, and the probe's learning curve on nested subsets.
+    assert scores[0].h_score_pretrained > scores[1].h_score_pretrained
+    assert scores[0].h_score_random == pytest.approx(0.0, abs=1e-12)  # constant features explain nothing
+    assert [s.curve_per_class for s in scores] == [(3, 5, 10)] * 2
+    assert scores[0].curve_acc[-1] == scores[0].probe_pretrained  # the last point is the probe itself
+    assert scores[0].curve_std[-1] == scores[0].probe_pretrained_std
+
+
+def test_learning_curve_subsets_are_nested_and_stratified() -> None:
+    labels = np.array([0] * 40 + [1] * 20 + [2] * 7)
+    quarter, half = nested_subsets(labels, (0.25, 0.5), seed=1)
+    assert set(quarter) < set(half)
+    assert [np.sum(labels[quarter] == c) for c in range(3)] == [10, 5, 2]  # rounded up
+    assert [np.sum(labels[half] == c) for c in range(3)] == [20, 10, 4]
+    # A fraction leaving a class with one sample (no cross-validation) is skipped.
+    assert [len(s) for s in nested_subsets(np.repeat([0, 1], 4), (0.25, 0.5))] == [4]
 
 
 def test_stratified_subset_keeps_class_proportions() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfer_cases.advise.logme import h_score, logme, logme_details
+from transfer_cases.advise.logme import h_score, ledoit_wolf, logme, logme_details
 
 
 def brute_evidence(f: np.ndarray, y: np.ndarray, log_alpha: np.ndarray, log_beta: np.ndarray) -> np.ndarray:
@@ -88,6 +88,33 @@ def test_h_score_by_hand() -> None:
     # One feature: H = var(E[f | y]) / var(f). f = 0, 2 | 4, 6: class means 1, 5; var(f) = 5, var(means) = 4.
     f = np.array([[0.0], [2.0], [4.0], [6.0]])
     assert h_score(f, np.array([0, 0, 1, 1])) == pytest.approx(0.8)
+
+
+def test_shrunk_h_score_tells_features_apart_where_the_exact_one_is_pinned() -> None:
+    # 40 samples of 100 features (a wide stage, few images): any n <= d + 1 points span their own
+    # covariance, so the exact H-score is K - 1 = 1 for noise and signal alike.
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 20)
+    noise = rng.normal(size=(40, 100))
+    informative = noise.copy()
+    informative[:, :10] += labels[:, None]
+    assert h_score(noise, labels) == pytest.approx(1.0) == h_score(informative, labels)
+    shrunk_noise, shrunk = h_score(noise, labels, shrink=True), h_score(informative, labels, shrink=True)
+    assert 0 < shrunk_noise < shrunk < 1  # still bounded by K - 1
+    assert shrunk > shrunk_noise + 0.05
+    # Standardised first: a feature's unit does not matter.
+    scaled = informative * rng.uniform(0.1, 10, size=100)
+    assert h_score(scaled, labels, shrink=True) == pytest.approx(shrunk, rel=1e-9)
+
+
+def test_ledoit_wolf_shrinks_little_with_many_samples_and_much_with_few() -> None:
+    rng = np.random.default_rng(3)
+    many = rng.normal(size=(5000, 10)) * np.arange(1, 11)
+    cov, shrinkage = ledoit_wolf(many - many.mean(axis=0))
+    assert shrinkage < 0.05 and np.allclose(np.diag(cov), np.arange(1, 11) ** 2, rtol=0.1)
+    few = rng.normal(size=(10, 50))
+    cov, shrinkage = ledoit_wolf(few - few.mean(axis=0))
+    assert shrinkage > 0.5 and np.linalg.matrix_rank(cov) == 50  # invertible though n < d
 
 
 def test_bad_inputs_are_rejected() -> None:

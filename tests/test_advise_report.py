@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
 from transfer_cases.advise import StageScores, decide, print_advice, read_advice, train_command, write_advice
+from transfer_cases.advise.report import stage_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -50,6 +52,22 @@ def test_advice_json_round_trips_and_holds_the_command(tmp_path: Path) -> None:
     assert record["samples_per_class"] == {"ants": 20, "bees": 18}
     assert [s["probe_pretrained"] for s in record["stages"]] == [0.5, 0.9, 0.7]
     assert record["threshold_source"] == "measured by test"
+
+
+def test_advice_json_says_how_the_control_was_built_and_holds_the_h_score(tmp_path: Path) -> None:
+    advice = small_different_advice()
+    stages = tuple(replace(s, h_score_pretrained=0.1 * s.stage, h_score_random=0.01) for s in advice.stages)
+    note = "random init (torch seed 7, from advisor seed 0), BatchNorm statistics estimated on 38 images"
+    advice = replace(advice, control=note, stages=stages)
+    record = json.loads(write_advice(advice, tmp_path)["json"].read_text())
+    assert record["control"] == note
+    assert [s["h_score_pretrained"] for s in record["stages"]] == [0.1, 0.2, 0.30000000000000004]
+    assert read_advice(tmp_path) == advice
+    console = Console(record=True, width=80)
+    console.print(stage_table(advice))
+    text = console.export_text()
+    assert "H-score" in text and "0.200" in text and "estimated on 38 images" in text
+    assert "…" not in text  # every cell whole in 80 columns
 
 
 def test_chart_is_a_png(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """The advisor end to end: the data's counts, pooled features at every stage of the pretrained body
 and of a random control (one pass each, cached), scores per stage, and the decision.
 
-Cost: two inference passes over at most `max_per_class` training images per class (the pretrained
-body and the random control), then seconds of scoring; with a warm cache, only the scoring.
+Cost: three inference passes over at most `max_per_class` training images per class (the pretrained
+body, the control's BatchNorm statistics, the control), then seconds of scoring; with a warm cache,
+only the scoring.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from transfer_cases.advise.control import calibrated_control
 from transfer_cases.advise.decide import (
+    DEFAULT_FINETUNE_HEADROOM,
+    DEFAULT_FINETUNE_SOURCE,
+    DEFAULT_IMPROVING_MARGIN,
+    DEFAULT_IMPROVING_SEMS,
     DEFAULT_SMALL_MAX_PER_CLASS,
     DEFAULT_THRESHOLD_SOURCE,
     DEFAULT_TIE_SEMS,
@@ -56,7 +63,12 @@ class Advisor:
         threshold_source: where `small_max_per_class` comes from (shown with the advice).
         tie_sems: stages within this many standard errors of the probe's peak tie with it; the
             narrowest of them wins (the one-standard-error rule; the tie width never drops below 0.01).
-        random_control: also score a randomly initialised copy (tells "different" from "unrelated").
+        improving_sems, improving_margin: data large by count fine-tunes when the probe's last
+            doubling of samples per class gains more than this many standard errors (or this
+            margin, whichever is larger) ...
+        finetune_headroom: ... or when the probe's error (1 - accuracy) exceeds this; otherwise the
+            head-only case (see `decide`).
+        finetune_source: where those three come from (shown with the advice).
         seed: drives the subset and the control's initialisation.
     """
 
@@ -67,6 +79,10 @@ class Advisor:
         small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS,
         threshold_source: str = DEFAULT_THRESHOLD_SOURCE,
         tie_sems: float = DEFAULT_TIE_SEMS,
+        improving_sems: float = DEFAULT_IMPROVING_SEMS,
+        improving_margin: float = DEFAULT_IMPROVING_MARGIN,
+        finetune_headroom: float = DEFAULT_FINETUNE_HEADROOM,
+        finetune_source: str = DEFAULT_FINETUNE_SOURCE,
         seed: int = 0,
     ) -> None:
         for name, value, why, example in (
@@ -82,12 +98,21 @@ class Advisor:
         self.folds = folds
         self.small_max_per_class = small_max_per_class
         self.threshold_source = threshold_source
-        if isinstance(tie_sems, bool) or not isinstance(tie_sems, (int, float)) or tie_sems < 0:
-            raise ConfigError(
-                f"advisor.tie_sems={tie_sems!r} must be a number >= 0 (standard errors of the probe's "
-                "peak within which stages tie); e.g. advisor.tie_sems=1"
-            )
+        for name, value, what, example in (
+            ("tie_sems", tie_sems, "standard errors of the probe's peak within which stages tie", 1),
+            ("improving_sems", improving_sems, "standard errors of a gain that counts", 1),
+            ("improving_margin", improving_margin, "accuracy gain that counts", 0.01),
+            ("finetune_headroom", finetune_headroom, "probe error that leaves room to fine-tune", 0.1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(
+                    f"advisor.{name}={value!r} must be a number >= 0 ({what}); e.g. advisor.{name}={example}"
+                )
         self.tie_sems = float(tie_sems)
+        self.improving_sems = float(improving_sems)
+        self.improving_margin = float(improving_margin)
+        self.finetune_headroom = float(finetune_headroom)
+        self.finetune_source = finetune_source
         self.seed = seed
 
     def advise(
@@ -103,8 +128,9 @@ class Advisor:
         device = device or torch.device("cpu")
         start = time.perf_counter()
         pretrained = instantiate_clean(backbone).build(pretrained=True)
+        control_seed = int(rng(self.seed, Stream.RANDOM_CONTROL).integers(2**31))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng(self.seed, Stream.RANDOM_CONTROL).integers(2**31)))
+            torch.manual_seed(control_seed)
             control = instantiate_clean(backbone).build(pretrained=False)
         images.preprocess = pretrained.preprocess
         images.setup("fit")
@@ -116,6 +142,17 @@ class Advisor:
         # fp16 has no range for a random network's activations; bf16 and fp32 do.
         control_numerics = EXTRACTIONS["channels_last"] if numerics.autocast == torch.float16 else numerics
         timings = {"setup_s": time.perf_counter() - start}
+        # The control is the body training from scratch would start from, with BatchNorm statistics
+        # estimated on the user's images as the pretrained ones were on theirs: with its initial
+        # statistics (mean 0, variance 1) its deep activations vanish and its probe means nothing.
+        t = time.perf_counter()
+        seen, hit = calibrated_control(control, subset, store, device=device, num_workers=images.num_workers)
+        timings["control_batchnorm_s"] = time.perf_counter() - t
+        timings["control_batchnorm_cache_hit"] = float(hit)
+        control_note = (
+            f"random init (torch seed {control_seed}, from advisor seed {self.seed}), BatchNorm "
+            f"statistics estimated on {seen} training images (eval transform)"
+        )
 
         feats = {}
         for name, body, num in (("pretrained", pretrained, numerics), ("random", control, control_numerics)):
@@ -150,7 +187,12 @@ class Advisor:
             small_max_per_class=self.small_max_per_class,
             threshold_source=self.threshold_source,
             tie_sems=self.tie_sems,
+            improving_sems=self.improving_sems,
+            improving_margin=self.improving_margin,
+            finetune_headroom=self.finetune_headroom,
+            finetune_source=self.finetune_source,
         )
+        advice = replace(advice, control=control_note)
         timings["score_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - start
         timings["images"] = float(len(subset))
@@ -174,19 +216,17 @@ class Advisor:
         return subset
 
 
-def advise_from_config(cfg: Any) -> tuple[Advice, dict[str, float]]:
+def advise_from_config(cfg: Any, device: torch.device | None = None) -> tuple[Advice, dict[str, float]]:
     """The advice for a composed `train.yaml`/`advise.yaml` config: its data, backbone, cache folder
-    and extraction setting; on the GPU when the trainer would use one."""
+    and extraction setting; on `device`, else on the GPU when the trainer would use one."""
     advisor: Advisor = instantiate_clean(cfg.advisor)
     images = instantiate_clean(cfg.data)
     cache = cfg.get("cache") or {}
     store = FeatureStore(cache.get("dir") or f"{cfg.paths.cache_dir}/features")
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if device is None:
+        accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+        cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        device = torch.device("cuda" if cuda else "cpu")
     return advisor.advise(
-        images,
-        to_dict(cfg.backbone),
-        store,
-        extraction=cache.get("extraction", "auto"),
-        device=torch.device("cuda" if cuda else "cpu"),
+        images, to_dict(cfg.backbone), store, extraction=cache.get("extraction", "auto"), device=device
     )

@@ -7,21 +7,13 @@ Prints the evidence per stage, the reasoning and the exact `transfer-train` comm
 from __future__ import annotations
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transfer_cases.advise.advisor import advise_from_config
-from transfer_cases.advise.report import print_advice, write_advice
+from transfer_cases.advise.report import print_advice, user_overrides, write_advice
 from transfer_cases.cli import console, friendly_errors
 from transfer_cases.config import register_resolvers
 from transfer_cases.paths import config_dir
-
-
-def user_overrides() -> list[str]:
-    """The command line's overrides, for the printed `transfer-train` command (Hydra's own left out)."""
-    if not HydraConfig.initialized():
-        return []
-    return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "hydra/"))]
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="advise")

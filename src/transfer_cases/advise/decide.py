@@ -46,6 +46,16 @@ DEFAULT_TIE_SEMS = 1.0
 DEFAULT_RELATED_MARGIN = 0.01
 DEFAULT_RELATED_SEMS = 1.0
 DEFAULT_SOLVED_MARGIN = 0.02
+# The fine-tuning evidence. One standard error is the yardstick of the tie rule above; the 0.01
+# floor is the tie rule's too (five folds that agree have a standard error of zero); 0.10 of error
+# left is a rule of thumb for "features a new head cannot fix". Chosen with the ants/bees result
+# known, not validated on held-out data.
+DEFAULT_IMPROVING_SEMS = 1.0
+DEFAULT_IMPROVING_MARGIN = 0.01
+DEFAULT_FINETUNE_HEADROOM = 0.10
+DEFAULT_FINETUNE_SOURCE = (
+    "rule of thumb, designed with the ants/bees result known; not validated on held-out data"
+)
 
 CASES = ("small_similar", "small_different", "large_similar", "large_different")
 
@@ -73,6 +83,7 @@ class Advice:
     stages: tuple[StageScores, ...] = ()
     reasoning: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    control: str = ""  # how the random control was built
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,6 +117,10 @@ def decide(
     related_margin: float = DEFAULT_RELATED_MARGIN,
     related_sems: float = DEFAULT_RELATED_SEMS,
     solved_margin: float = DEFAULT_SOLVED_MARGIN,
+    improving_sems: float = DEFAULT_IMPROVING_SEMS,
+    improving_margin: float = DEFAULT_IMPROVING_MARGIN,
+    finetune_headroom: float = DEFAULT_FINETUNE_HEADROOM,
+    finetune_source: str = DEFAULT_FINETUNE_SOURCE,
 ) -> Advice:
     """The case for data with `samples_per_class` whose stages scored `stages` (see the module doc).
 
@@ -148,6 +163,10 @@ def decide(
     logme_best = max(rows, key=lambda s: (s.logme_pretrained, s.stage))
     agreement = "agrees" if logme_best.stage == best.stage else "differs"
     reasons.append(f"LogME peaks at stage {logme_best.stage} ({agreement})")
+    if all(s.h_score_pretrained is not None for s in rows):
+        h_best = max(rows, key=lambda s: (s.h_score_pretrained, s.stage))
+        agreement = "agrees" if h_best.stage == best.stage else "differs"
+        reasons.append(f"H-score peaks at stage {h_best.stage} ({agreement})")
 
     # Similarity, with the random network as the control.
     control = max(rows, key=lambda s: (s.probe_random, s.stage))
@@ -165,10 +184,15 @@ def decide(
     else:
         similarity = "similar" if best.stage == depth else "different"
         where = "the full body" if best.stage == depth else f"stage {best.stage} of {depth}, before the end"
-        reasons.append(
-            f"pretrained beats the random network by {gain:+.3f} (> {margin:.3f}); best features at "
-            f"{where} -> {similarity}"
-        )
+        if gain > margin:
+            why = f"pretrained beats the random network by {gain:+.3f} (> {margin:.3f})"
+        else:
+            why = (
+                f"gain over the random network {gain:+.3f} <= {margin:.3f}, but the pretrained features "
+                f"already solve the task (peak {peak.probe_pretrained:.3f} >= 1 - {solved_margin:g}) "
+                "-> not unrelated"
+            )
+        reasons.append(f"{why}; best features at {where} -> {similarity}")
     majority = max(counts.values()) / sum(counts.values())
     if peak.probe_pretrained <= majority + margin:
         warnings.append(
@@ -176,7 +200,13 @@ def decide(
             f"{majority:.3f} for always guessing the largest class; check the labels and the data"
         )
 
-    case, init, keep = _case(size, similarity, best.stage)
+    finetune = size == "large"
+    if finetune and similarity != "unrelated":
+        finetune, line = _finetune_evidence(
+            best, improving_sems, improving_margin, finetune_headroom, finetune_source
+        )
+        reasons.append(line)
+    case, init, keep = _case(size, similarity, best.stage, finetune)
     if size == "small" and similarity == "unrelated":
         warnings.append(
             f"with {median:g} samples per class and pretrained features no better than random ones, "
@@ -213,13 +243,41 @@ def decide(
     )
 
 
-def _case(size: str, similarity: str, best_stage: int) -> tuple[str, str, int | None]:
-    """(case, init, keep) for a size and similarity verdict."""
+def _finetune_evidence(
+    best: StageScores, sems: float, margin: float, headroom_max: float, source: str
+) -> tuple[bool, str]:
+    """Whether data large by count should fine-tune, from the probe at the best stage; and why."""
+    curve = best.curve_gain()
+    if curve is None:
+        return True, "no learning curve in the scores: the size alone decides -> fine-tune"
+    gain, se = curve
+    tolerance = max(margin, sems * se)
+    improving = gain > tolerance
+    headroom = 1 - best.probe_pretrained
+    room = headroom > headroom_max
+    points = " -> ".join(
+        f"{a:.3f} ({n:g}/class)" for n, a in zip(best.curve_per_class, best.curve_acc, strict=True)
+    )
+    verdict = (
+        "fine-tuning should gain -> fine-tune"
+        if improving or room
+        else "the frozen features already serve -> head-only, though the data is large"
+    )
+    return improving or room, (
+        f"learning curve of the probe at stage {best.stage}: {points}; last doubling {gain:+.3f} "
+        f"{'>' if improving else '<='} {tolerance:.3f} (max of {margin:g} and {sems:g} standard error "
+        f"of the difference): {'still improving' if improving else 'saturated'}; error left "
+        f"{headroom:.3f} {'>' if room else '<='} {headroom_max:g} -> {verdict} (rule: {source})"
+    )
+
+
+def _case(size: str, similarity: str, best_stage: int, finetune: bool) -> tuple[str, str, int | None]:
+    """(case, init, keep) for a size and similarity verdict, and whether the body should fine-tune."""
     if similarity == "unrelated":
         return "large_different", ("scratch" if size == "large" else "pretrained"), None
-    if size == "small" and similarity == "different":
+    if not finetune and similarity == "different":
         return "small_different", "pretrained", best_stage
-    return f"{size}_{similarity}", "pretrained", None
+    return f"{'large' if finetune else 'small'}_{similarity}", "pretrained", None
 
 
 def _describe(case: str, init: str, keep: int | None, depth: int) -> str:

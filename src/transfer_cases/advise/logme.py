@@ -87,20 +87,50 @@ def logme_details(
     return LogMEResult(float(per_class.mean()), per_class, alpha, beta, iterations)
 
 
-def h_score(features: np.ndarray, labels: np.ndarray) -> float:
+def h_score(features: np.ndarray, labels: np.ndarray, *, shrink: bool = False) -> float:
     """H-score (Bao et al. 2019): tr(cov(f)^+ cov(E[f | y])), the share of feature variance the
     class means explain, summed over feature directions. Higher is better; at most K - 1.
 
-    The pseudo-inverse makes it defined when n < d, but it is then noisy: prefer LogME there.
+    Exact (`shrink=False`), it is pinned at K - 1 whenever n <= d + 1: any n points span their
+    own covariance, so the class means are "fully explained" whatever the features. `shrink=True`
+    is the shrinkage-based H-score (Ibrahim et al., ICLR 2023): the features are standardised,
+    cov(f) is replaced by its Ledoit-Wolf estimate (1 - s) cov(f) + s I (shrunk towards the identity
+    by the amount s that minimises the expected error) and cov(E[f | y]) is scaled by (1 - s) alike,
+    which keeps the bound and stays informative when n < d. The advisor uses that one.
     """
     f = _as_features(features)
     y = _one_hot(labels, len(f))
     f = f - f.mean(axis=0)
-    cov_f = f.T @ f / len(f)
+    n = len(f)
     class_means = (y.T @ f) / y.sum(axis=0)[:, None]  # (K, d)
-    g = y @ class_means  # each sample replaced by its class mean
-    cov_g = g.T @ g / len(f)
-    return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True) @ cov_g))
+    if not shrink:
+        cov_f = f.T @ f / n
+        g = y @ class_means  # each sample replaced by its class mean
+        cov_g = g.T @ g / n
+        return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True) @ cov_g))
+    scale = f.std(axis=0)
+    scale = np.where(scale > 1e-12 * max(scale.max(), 1e-300), scale, np.inf)  # constant: drop
+    f, class_means = f / scale, class_means / scale
+    cov_f, shrinkage = ledoit_wolf(f)
+    # tr(cov_f^-1 (1 - s) cov_g) with cov_g = M^T diag(n_k / n) M (M: the class means).
+    weighted = class_means * np.sqrt(y.sum(axis=0) / n)[:, None]
+    solved = np.linalg.solve(cov_f, weighted.T)  # (d, K)
+    return float((1 - shrinkage) * np.sum(weighted.T * solved))
+
+
+def ledoit_wolf(f: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit & Wolf (2004) covariance of centred rows `f`, `((1 - s) S + s mu I, s)`: S the sample
+    covariance, mu its mean eigenvalue, s the shrinkage that minimises the expected squared error."""
+    n, d = f.shape
+    s = f.T @ f / n
+    mu = np.trace(s) / d
+    if mu <= 0:
+        return np.eye(d), 1.0
+    delta = np.sum((s - mu * np.eye(d)) ** 2) / d  # distance of S from the target
+    f2 = f**2
+    beta = (np.sum(f2.T @ f2) / n - np.sum(s**2)) / (d * n)  # variance of S's entries
+    shrinkage = float(min(beta, delta) / delta) if delta > 0 else 1.0
+    return (1 - shrinkage) * s + shrinkage * mu * np.eye(d), shrinkage
 
 
 def _evidence(

@@ -8,16 +8,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from transfer_cases.advise.decide import Advice
+from transfer_cases.atomic import atomic_write, atomic_write_text
 
 ADVICE_JSON = "advice.json"
 ADVICE_PNG = "advice.png"
 DPI = 120
+
+
+def user_overrides() -> list[str]:
+    """The command line's overrides, for the `transfer-train` command (Hydra's own left out)."""
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "hydra/"))]
 
 
 def train_command(advice: Advice, extra_overrides: Sequence[str] = ()) -> str:
@@ -30,28 +39,34 @@ def train_command(advice: Advice, extra_overrides: Sequence[str] = ()) -> str:
 
 
 def stage_table(advice: Advice) -> Table:
-    """One row per stage; the chosen stage is marked and bold."""
+    """One row per stage; the chosen stage is marked and bold. To fit 80 columns, LogME of the
+    pretrained body and of the control share a cell, and the control's H-score is in advice.json only."""
     show_stride = any(s.stride is not None for s in advice.stages)
+    show_h = any(s.h_score_pretrained is not None for s in advice.stages)
     table = Table(
         title=f"evidence per stage -> {advice.case}",
         box=box.SIMPLE_HEAD,
-        caption="probe: cross-validated linear-probe accuracy (mean ± std over folds); "
-        "random: the same architecture, randomly initialised",
+        padding=(0, 1, 0, 0),  # with the box's space between columns: two spaces
+        caption="probe: cross-validated linear-probe accuracy (mean ± std over folds); H-score "
+        "(shrinkage-based) of the pretrained body; random: "
+        + (advice.control or "the same architecture, randomly initialised"),
     )
     table.add_column("stage", justify="right", no_wrap=True)
     table.add_column("width", justify="right", no_wrap=True)
     if show_stride:
         table.add_column("stride", justify="right", no_wrap=True)
-    for header in ("LogME\npretrained", "LogME\nrandom", "probe acc\npretrained", "probe acc\nrandom"):
+    headers = ["LogME\npre / random", *(["H-score\npre"] if show_h else [])]
+    for header in (*headers, "probe acc\npretrained", "probe acc\nrandom"):
         table.add_column(header, justify="right", no_wrap=True)
     for s in advice.stages:
         chosen = s.stage == advice.best_stage
         cells = [f"{s.stage}{' ◀' if chosen else ''}", str(s.width)]
         if show_stride:
             cells.append("-" if s.stride is None else str(s.stride))
+        cells.append(f"{s.logme_pretrained:.3f} / {s.logme_random:.3f}")
+        if show_h:
+            cells.append(_maybe(s.h_score_pretrained))
         cells += [
-            f"{s.logme_pretrained:.3f}",
-            f"{s.logme_random:.3f}",
             f"{s.probe_pretrained:.3f} ± {s.probe_pretrained_std:.3f}",
             f"{s.probe_random:.3f} ± {s.probe_random_std:.3f}",
         ]
@@ -102,7 +117,8 @@ def write_advice(
     extra_overrides: Sequence[str] = (),
     timings: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
-    """Write `advice.json` (the advice, its command, the timings) and `advice.png`; returns their paths."""
+    """Write `advice.png`, then `advice.json` (the advice, its command, the timings); returns their
+    paths. Both atomically: a reader (another DDP rank) sees a whole file or none."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / ADVICE_JSON, "chart": out / ADVICE_PNG}
@@ -112,8 +128,9 @@ def write_advice(
         "extra_overrides": list(extra_overrides),
         "timings": dict(timings or {}),
     }
-    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
-    stage_figure(advice).savefig(paths["chart"], dpi=DPI)
+    figure = stage_figure(advice)
+    atomic_write(paths["chart"], lambda f: figure.savefig(f, dpi=DPI, format="png"), what="advice chart")
+    atomic_write_text(paths["json"], json.dumps(record, indent=2) + "\n", what="advice")
     return paths
 
 
@@ -135,6 +152,10 @@ def print_advice(advice: Advice, extra_overrides: Sequence[str] = (), console: C
         console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True)
     console.print("\nto train it:", style="bold")
     console.print(f"  {train_command(advice, extra_overrides)}", soft_wrap=True, markup=False)
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _key(override: str) -> str:

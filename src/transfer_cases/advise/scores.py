@@ -1,4 +1,5 @@
-"""Per-stage evidence: LogME and linear-probe accuracy of the pretrained body and of a random control.
+"""Per-stage evidence: LogME, H-score and linear-probe accuracy of the pretrained body and of a
+random control, and the pretrained probe's learning curve.
 
 One `StageScores` row per stage boundary is all `decide` needs; `score_stages` computes the rows
 from feature matrices (one per stage, pooled), however they were extracted.
@@ -12,12 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from transfer_cases.advise.logme import logme
+from transfer_cases.advise.logme import h_score, logme
 from transfer_cases.advise.probe import linear_probe_accuracy
 
 # Scoring uses at most this many samples (a stratified, seeded subset): the probe's accuracy is
 # known to about a point with a few thousand samples, and the cost grows with n.
 DEFAULT_MAX_SAMPLES = 3000
+# The learning curve: the probe on nested subsets of these fractions of each class's samples (the
+# last is all of them, the probe itself). Whether the probe still gains from n/2 to n per class
+# tells whether the head is still hungry for data (see `decide`).
+CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,9 @@ class StageScores:
     """Evidence at the output of stage `stage` (1-based: keeping `stage` stages gives these features).
 
     `probe_*` are the mean and std of the cross-validated linear-probe accuracy over `folds` folds;
-    `*_random` score the same architecture randomly initialised (the control).
+    `*_random` score the same architecture randomly initialised (the control). `h_score_*` is the
+    H-score with a shrunk covariance (`logme.h_score`). `curve_*` is the pretrained probe's learning
+    curve: samples per class (median over classes), mean and std of the accuracy, on nested subsets.
     """
 
     stage: int
@@ -38,6 +45,11 @@ class StageScores:
     probe_random_std: float
     folds: int = 5
     stride: int | None = None
+    h_score_pretrained: float | None = None
+    h_score_random: float | None = None
+    curve_per_class: tuple[float, ...] = ()
+    curve_acc: tuple[float, ...] = ()
+    curve_std: tuple[float, ...] = ()
 
     @property
     def probe_pretrained_sem(self) -> float:
@@ -53,7 +65,19 @@ class StageScores:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageScores:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kept = {k: v for k, v in d.items() if k in names}
+        for k in ("curve_per_class", "curve_acc", "curve_std"):
+            kept[k] = tuple(kept.get(k, ()))
+        return cls(**kept)
+
+    def curve_gain(self) -> tuple[float, float] | None:
+        """`(gain, se)`: the probe's accuracy gain over the last doubling of the samples per class
+        (n/2 -> n) and the standard error of that difference; None without a curve."""
+        if len(self.curve_acc) < 2:
+            return None
+        gain = self.curve_acc[-1] - self.curve_acc[-2]
+        se = float(np.hypot(self.curve_std[-1], self.curve_std[-2]) / np.sqrt(self.folds))
+        return gain, se
 
 
 def score_stages(
@@ -77,11 +101,16 @@ def score_stages(
     labels = np.asarray(labels).reshape(-1)
     subset = stratified_subset(labels, max_samples, seed=seed)
     y = labels[subset]
+    nested = nested_subsets(y, CURVE_FRACTIONS[:-1], seed=seed)
     rows = []
     for i, (f_pre, f_rand) in enumerate(zip(pretrained, random, strict=True)):
         f_pre, f_rand = np.asarray(f_pre)[subset], np.asarray(f_rand)[subset]
         probe_pre = linear_probe_accuracy(f_pre, y, folds=folds, seed=seed)
         probe_rand = linear_probe_accuracy(f_rand, y, folds=folds, seed=seed)
+        curve = [
+            (_per_class(y[s]), linear_probe_accuracy(f_pre[s], y[s], folds=folds, seed=seed)) for s in nested
+        ]
+        curve.append((_per_class(y), probe_pre))
         rows.append(
             StageScores(
                 stage=i + 1,
@@ -94,9 +123,33 @@ def score_stages(
                 probe_random_std=probe_rand.std,
                 folds=len(probe_pre.folds),
                 stride=None if strides is None else int(strides[i]),
+                h_score_pretrained=h_score(f_pre, y, shrink=True),
+                h_score_random=h_score(f_rand, y, shrink=True),
+                curve_per_class=tuple(n for n, _ in curve),
+                curve_acc=tuple(p.mean for _, p in curve),
+                curve_std=tuple(p.std for _, p in curve),
             )
         )
     return rows
+
+
+def nested_subsets(labels: np.ndarray, fractions: Sequence[float], *, seed: int = 0) -> list[np.ndarray]:
+    """Sorted indices of nested subsets: `fractions[i]` of every class (rounded up), each subset
+    holding the smaller ones (one seeded order per class). A fraction that would leave a class with
+    fewer than 2 samples (no cross-validation) is skipped."""
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    subsets = []
+    for fraction in sorted(fractions):
+        takes = [int(np.ceil(len(o) * fraction)) for o in orders]
+        if min(takes) >= 2:
+            subsets.append(np.sort(np.concatenate([o[:t] for o, t in zip(orders, takes, strict=True)])))
+    return subsets
+
+
+def _per_class(labels: np.ndarray) -> float:
+    return float(np.median(np.unique(labels, return_counts=True)[1]))
 
 
 def stratified_subset(labels: np.ndarray, max_samples: int | None, *, seed: int = 0) -> np.ndarray:
