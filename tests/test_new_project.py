@@ -24,9 +24,11 @@ from omegaconf import OmegaConf
 from transfer_cases.tools.new_project import (
     CASES,
     Answers,
+    describe_default_job,
     remove_template_machinery,
     rename_project,
     replace_identifiers,
+    rewrite_readme,
     yaml_scalar,
 )
 
@@ -204,6 +206,20 @@ def test_make_new_and_its_readme_section_are_dropped(tmp_path: Path) -> None:
     assert makefile == "ARGS ?=\n\n.PHONY: help clean\n\nclean:  ## remove outputs\n\trm -rf outputs\n"
     assert (tmp_path / "README.md").read_text() == "# t\n\nintro\n\n## Tests\n\nmake test\n"
     assert not (tmp_path / "copier.yml").exists()
+
+
+@pytest.mark.parametrize("prefix", ["", "/srv", "/srv/x", "/srv/xyz/abc", "/mnt/some-disk-1"])
+def test_a_data_path_is_never_broken_across_readme_lines(tmp_path: Path, prefix: str) -> None:
+    """Wrapping must not split a path at a hyphen: a code span would then show a space in it."""
+    path = f"{prefix}/data-sets/cat-food-photos-2024-06-shoot/train-and-val-folders"
+    (tmp_path / "README.md").write_text(
+        "# x\n\nintro\n\n## Quick start\n\n" + describe_default_job(Answers())
+    )
+    answers = Answers(data_path=path, case="auto")
+    rewrite_readme(tmp_path, answers)
+    lines = [describe_default_job(answers).splitlines(), (tmp_path / "README.md").read_text().splitlines()]
+    for text in lines:
+        assert any(f"`{path}`" in line for line in text), text
 
 
 @pytest.mark.parametrize(

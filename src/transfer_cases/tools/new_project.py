@@ -193,6 +193,8 @@ def rewrite_readme(root: Path, answers: Answers) -> None:
         f"Default job (`configs/train.yaml`): case `{answers.case}`, backbone `{answers.backbone}`, "
         f"data {data}.",
         width=100,
+        break_long_words=False,
+        break_on_hyphens=False,
     )
     head = f"# {answers.project_name}\n\n{intro}\n"
     # Replace the title and the paragraph under it; keep everything from the first blank line after it.
@@ -221,7 +223,7 @@ def describe_default_job(answers: Answers) -> str:
         "The embedded ants/bees and MobileNetV2 stay in the package: `data=hymenoptera` and "
         "`backbone=mobilenet_v2` run offline, and the tests and the notebook use them by name."
     )
-    return textwrap.fill(text, width=100) + "\n"
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False) + "\n"
 
 
 def rewrite_default_job(root: Path, answers: Answers) -> None:
