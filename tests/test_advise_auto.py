@@ -59,6 +59,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Advice], FakeAdvisor]:
         ("case.probe_epochs=-2", r"case\.probe_epochs=-2 is not a whole number >= 0"),
         ("case.epochs=0", r"case\.epochs=0 is not a whole number >= 1"),
     ],
+    ids=["lr", "probe_epochs", "epochs"],
 )
 def test_case_auto_checks_the_config_before_the_advisor_runs(
     compose_train: Callable[..., DictConfig],

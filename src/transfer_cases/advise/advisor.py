@@ -146,7 +146,9 @@ class Advisor:
         # estimated on the user's images as the pretrained ones were on theirs: with its initial
         # statistics (mean 0, variance 1) its deep activations vanish and its probe means nothing.
         t = time.perf_counter()
-        seen, hit = calibrated_control(control, subset, store, device=device, num_workers=images.num_workers)
+        seen, hit = calibrated_control(
+            control, subset, store, device=device, numerics=control_numerics, num_workers=images.num_workers
+        )
         timings["control_batchnorm_s"] = time.perf_counter() - t
         timings["control_batchnorm_cache_hit"] = float(hit)
         control_note = (

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer_cases.features.cached import body_fingerprint
+from transfer_cases.features.extract import Extraction
 from transfer_cases.features.store import FeatureSet, FeatureStore
 
 BATCH_SIZE = 64
@@ -65,10 +66,17 @@ def batchnorm_buffers(module: nn.Module) -> list[torch.Tensor]:
 
 
 def calibrated_control(
-    control: nn.Module, dataset: Any, store: FeatureStore, *, device: torch.device, num_workers: int = 0
+    control: nn.Module,
+    dataset: Any,
+    store: FeatureStore,
+    *,
+    device: torch.device,
+    numerics: Extraction,
+    num_workers: int = 0,
 ) -> tuple[int, bool]:
     """Estimate the BatchNorm statistics of the randomly initialised `control` on `dataset` (images
-    through the eval transform), in place; `(images, cache hit)`.
+    through the eval transform), in place, with the numerics of the feature extraction that follows
+    (the statistics are kept in float32 whatever the autocast dtype); `(images, cache hit)`.
 
     The statistics are stored in the feature store, keyed by the initial weights, the images and
     their transform, so asking again skips the pass (the control's features are cached by its
@@ -81,14 +89,18 @@ def calibrated_control(
         "data": dataset.fingerprint(),
         "transform": repr(dataset.transform),
         "batch_size": BATCH_SIZE,
+        "numerics": numerics.name,
     }
     buffers = batchnorm_buffers(control)
 
     def build() -> FeatureSet:
         loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=False, num_workers=num_workers)
-        control.to(device)
-        estimate_batchnorm_statistics(control, (x for x, _ in loader), device)
-        control.cpu()
+        layout = torch.channels_last if numerics.channels_last else torch.contiguous_format
+        control.to(device, memory_format=layout)
+        batches = (x.to(device, memory_format=layout) for x, _ in loader)
+        with torch.autocast(device.type, dtype=numerics.autocast, enabled=numerics.autocast is not None):
+            estimate_batchnorm_statistics(control, batches)
+        control.to("cpu", memory_format=torch.contiguous_format)
         flat = torch.cat([b.detach().double().flatten() for b in buffers])
         return FeatureSet(flat[None], torch.zeros(1, dtype=torch.long))
 
