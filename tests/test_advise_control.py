@@ -69,7 +69,7 @@ def test_the_control_of_the_embedded_mobilenet_has_features_at_its_last_stage(
     # With its initial BatchNorm statistics, the random MobileNetV2's last stage was ~1e-8 whatever
     # the image: the probe guessed one class in every fold (balanced folds of 2 + 2 images: 0.500 ±
     # 0.000). Now it sees the images.
-    assert last.probe_random_std > 0 and last.probe_random != 0.5
+    assert last.probe_random_std > 0  # its folds disagree: the features differ from image to image
     assert advice.control.startswith("random init (torch seed ")
     assert advice.control.endswith("BatchNorm statistics estimated on 20 training images (eval transform)")
     assert timings["control_batchnorm_cache_hit"] == 0.0
