@@ -64,8 +64,8 @@ class Advisor:
         tie_sems: stages within this many standard errors of the probe's peak tie with it; the
             narrowest of them wins (the one-standard-error rule; the tie width never drops below 0.01).
         improving_sems, improving_margin: data large by count fine-tunes when the probe's last
-            doubling of samples per class gains more than this many standard errors (or this
-            margin, whichever is larger) ...
+            doubling of samples per class gains more than this many standard errors of the
+            difference and more than this margin ...
         finetune_headroom: ... or when the probe's error (1 - accuracy) exceeds this; otherwise the
             head-only case (see `decide`).
         finetune_source: where those three come from (shown with the advice).

@@ -110,7 +110,10 @@ def _advise_on_rank_zero(
     cfg: DictConfig, out: Path, extra: Sequence[str], advise: Callable[..., Any]
 ) -> tuple[Advice, dict[str, float]]:
     """Advise (on this rank's own GPU when the trainer uses CUDA) and write advice.json atomically."""
-    (out / ADVICE_JSON).unlink(missing_ok=True)  # a stale one from an earlier run must not be read
+    # A stale one from an earlier run in this folder must not be read. Lightning starts the other
+    # ranks after this returns; under torchrun they start together, and one could read a stale
+    # file in the moment before this line runs.
+    (out / ADVICE_JSON).unlink(missing_ok=True)
     device = None
     if torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "cpu")) in ("auto", "gpu", "cuda"):
         device = torch.device("cuda", local_rank())
