@@ -76,11 +76,24 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 
 def _missing_package(error: BaseException | None) -> str | None:
     """The message of an ImportError anywhere in the cause chain (Lightning raises ModuleNotFoundError)."""
-    while error is not None:
-        if isinstance(error, ImportError):
-            return str(error).splitlines()[0]
-        error = error.__cause__ or error.__context__
-    return None
+    return next((str(e).splitlines()[0] for e in exception_chain(error) if isinstance(e, ImportError)), None)
+
+
+def exception_chain(error: BaseException | None) -> list[BaseException]:
+    """`error` and every exception it was raised from or while handling, each once.
+
+    A chain can be a cycle: an error re-raised `from None` while handling a wrapper whose cause it is
+    (`instantiate_clean` unwrapping Hydra's InstantiationException) keeps the wrapper as its context,
+    so a walk without a visited set never ends."""
+    chain: list[BaseException] = []
+    pending = [error]
+    while pending:
+        e = pending.pop(0)
+        if e is None or any(e is seen for seen in chain):
+            continue
+        chain.append(e)
+        pending += [e.__cause__, e.__context__]
+    return chain
 
 
 @rank_zero_only

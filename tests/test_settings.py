@@ -1,0 +1,74 @@
+"""Settings no one listed before (issue 24) stop with one line through the command line, before any
+work: no hang, no traceback, no silently wrong run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.helpers.cli import run_console_script
+from tests.test_configs import TINY_OVERRIDES, cli_env
+from transfer_cases.cli import instantiate_list
+from transfer_cases.errors import ConfigError
+
+
+def train_cli(*overrides: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`transfer-train` on the tiny backbone, killed after `timeout` seconds (a hang fails the test)."""
+    exe = Path(sys.executable).with_name("transfer-train")
+    argv = [str(exe), *TINY_OVERRIDES, f"hydra.run.dir={cwd / 'run'}", *overrides]
+    try:
+        return run_console_script(argv, cwd=cwd, env=cli_env(), timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"transfer-train {' '.join(overrides)} still ran after {timeout} s:\n{e.stderr}")
+
+
+def one_line_error(run: subprocess.CompletedProcess[str]) -> str:
+    """The `error: ...` line of a run that stopped with status 2 and no traceback."""
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, run.stderr[-3000:]
+    return lines[0]
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
+
+    def expire(*_: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --- 1. an error of ours raised inside Hydra's instantiate -----------------------------------------
+
+
+@pytest.mark.parametrize("value", ["abc", "-1"])
+def test_bad_last_checkpoint_interval_stops_with_one_line(tmp_path: Path, value: str) -> None:
+    """It used to spin forever: the unwrapped error's chain is a cycle (see `exception_chain`)."""
+    run = train_cli(f"callbacks.last_checkpoint.min_interval_s={value}", cwd=tmp_path, timeout=60)
+    line = one_line_error(run)
+    assert f"callbacks.last_checkpoint.min_interval_s={value}" in line.replace("'", "")
+    assert "e.g. callbacks.last_checkpoint.min_interval_s=10" in line
+
+
+def test_an_error_raised_inside_instantiate_comes_out_as_itself() -> None:
+    callbacks = OmegaConf.create(
+        {"last_checkpoint": {"_target_": "transfer_cases.callbacks.LastCheckpoint", "min_interval_s": "abc"}}
+    )
+    with deadline(30), pytest.raises(ConfigError, match=r"min_interval_s='abc' must be a number of seconds"):
+        instantiate_list(callbacks)
