@@ -40,6 +40,7 @@ from transfer_cases import build, config_dir
 from transfer_cases.cli import instantiate_list
 from transfer_cases.config import instantiate_clean
 from transfer_cases.features import EXTRACTIONS, extract, resolve_extraction
+from transfer_cases.recipe import phase_data
 from transfer_cases.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,8 @@ def trial_parts(tmp: Path, cache_dir: Path, repeats: int) -> dict[str, float]:
         seconds, cfg = timed(lambda: compose_cfg(*search, out=tmp / f"trial{i}"))  # noqa: B023
         compose_s.append(seconds)
         train_s.append(timed(lambda: train(cfg))[0])  # noqa: B023
-    module, dm = build(cfg)
+    module, images = build(cfg)
+    dm = phase_data(cfg, module, images)  # the cached features the trials train on
     dm.setup("fit")
     epochs, lr = cfg.trainer.max_epochs, cfg.model.optimizer.lr
     head = lambda: torch.nn.Linear(module.backbone.out_features, len(module.class_names))  # noqa: E731

@@ -72,12 +72,12 @@ def test_second_setup_hits_and_serves_the_same_features(setup: tuple[Path, Path,
     assert hits(second) == {"train": True, "val": True}
     for a, b in ((first.train_dataset, second.train_dataset), (first.val_dataset, second.val_dataset)):
         assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
-    # The cached val features are the body's output on the val images (fp32 extraction, stored fp16).
+    # The cached val features are the body's output on the val images, as computed (fp32, stored fp32).
     x = torch.stack([first.images.val_dataset[i][0] for i in range(len(first.images.val_dataset))])
     module.eval()
     with torch.no_grad():
         expected = module.backbone(x)
-    torch.testing.assert_close(first.val_dataset.tensors[0], expected.half().float())
+    torch.testing.assert_close(first.val_dataset.tensors[0], expected)
 
 
 # Each entry changes one thing that changes the features; the train features must be rebuilt.
@@ -87,7 +87,11 @@ CHANGES: dict[str, dict[str, Any]] = {
     "cut (keep)": {"case": "small_different"},
     "image size": {"data": {"image_size": 24}},
     "normalisation": {"data": {"preprocess": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}}},
-    "extraction numerics": {"cache": {"extraction": "bf16"}},
+    # The train split's numerics, then the val split's: each changes only its own files.
+    "extraction numerics": {"cache": {"extraction": "bf16"}, "rebuilt": {"train"}},
+    "eval extraction numerics": {"cache": {"eval_extraction": "bf16"}, "rebuilt": {"val"}},
+    # Buffers are weights too: BatchNorm statistics alone (same parameters) change the features.
+    "BatchNorm statistics": {"bn_shift": 0.5},
 }
 
 
@@ -106,13 +110,17 @@ def test_changing_one_key_part_rebuilds(setup: tuple[Path, Path, Path], change: 
         case=case_config(spec.get("case", "small_similar")),
         num_classes=2,
     )
+    for m in module.backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean += spec.get("bn_shift", 0.0)
     dm = ImageFolderDataModule(images, batch_size=4, image_size=(data or {}).get("image_size", 32))
     dm.preprocess = {**module.preprocess.to_dict(), **(data or {}).get("preprocess", {})}
     wrapped = FeatureCache(dir=root / "cache", **{"extraction": "fp32", **spec.get("cache", {})}).wrap(
         dm, module.backbone
     )
     wrapped.setup("fit")
-    assert hits(wrapped) == {"train": False, "val": False}, change
+    rebuilt = spec.get("rebuilt", {"train", "val"})
+    assert hits(wrapped) == {split: split not in rebuilt for split in ("train", "val")}, change
 
 
 def test_changing_the_data_files_rebuilds(setup: tuple[Path, Path, Path]) -> None:
@@ -152,7 +160,7 @@ def test_epoch_picks_the_view(setup: tuple[Path, Path, Path]) -> None:
             patch.object(TransferModule, "current_epoch", new_callable=PropertyMock, return_value=epoch),
             torch.no_grad(),
         ):
-            got = module._logits(feats)
+            got = module.forward_cached(feats)
         torch.testing.assert_close(got, module.head(feats[:, epoch % 2]))
 
 
@@ -314,3 +322,14 @@ def test_feature_loaders_serve_the_batches_a_plain_loader_would(setup: tuple[Pat
         assert torch.equal(x, px) and torch.equal(y, py)
     (val,) = list(dm.val_dataloader())
     assert all(torch.equal(a, b) for a, b in zip(val, dm.val_dataset.tensors, strict=True))
+
+
+def test_without_views_the_head_trains_on_the_un_augmented_images(setup: tuple[Path, Path, Path]) -> None:
+    """`train_views=0` means the eval transform's view: with random crops on (the default), the train
+    features equal those of the same images with augmentation switched off, never a random crop."""
+    root, images, weights = setup
+    _, augmented = cached(root, images, weights)
+    _, plain = cached(root / "plain", images, weights, data={"random_crop_scale": None})
+    torch.testing.assert_close(augmented.train_dataset.tensors[0], plain.train_dataset.tensors[0])
+    _, one_view = cached(root, images, weights, train_views=1)  # a random crop: other features
+    assert not torch.allclose(one_view.train_dataset.tensors[0][:, 0], plain.train_dataset.tensors[0])

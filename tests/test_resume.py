@@ -176,9 +176,8 @@ def test_resume_needs_no_pretrained_weights_and_keeps_their_preprocessing(
 def test_freeze_guard_snapshots_after_a_late_restore(
     compose_train: Callable[..., DictConfig], image_folder: Path, tmp_path: Path
 ) -> None:
-    """Some strategies restore the checkpoint after `on_fit_start`. The resumed module is built
-    without its pretrained weights, so its frozen stages only hold the trained values once restored:
-    a snapshot taken before would see other values and fail the run."""
+    """Some strategies restore the checkpoint after `on_fit_start`; the guard's snapshot must still
+    be of the restored weights (which `build` loads before any hook runs)."""
     weights = tiny_weights_file(tmp_path / "tiny.pt")
     common = (f"backbone.weights={weights}", "case=small_different")
     train(compose_train(*overrides(image_folder, *common, "trainer.max_epochs=1")))
@@ -190,7 +189,7 @@ def test_freeze_guard_snapshots_after_a_late_restore(
         f"+callbacks.freeze_guard.report_dir={tmp_path / 'guard'}",
     )
     fresh, _ = build(cfg)
-    assert frozen_digest(fresh) != trained  # what a snapshot before the restore would see
+    assert frozen_digest(fresh) == trained  # build loads the checkpoint before anything reads the body
     train(cfg)
     report = json.loads((tmp_path / "guard" / "freeze_guard_rank0.json").read_text())
     assert report["start"] == report["end"] == trained

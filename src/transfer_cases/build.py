@@ -20,7 +20,11 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
        and normalisation they were trained with, and images must be fed the same way.
     The Trainer calls the data module's `setup` later, so no transform is built with a stale size.
     With `ckpt_path` (a resume), the checkpoint must fit the configured model; the pretrained
-    weights are not read (the checkpoint holds every weight) and its preprocessing is kept.
+    weights are not read, the checkpoint's weights are loaded here, so the body holds the weights
+    it continues with before anything reads it (the features of a cached phase above all), and
+    the checkpoint's preprocessing is kept.
+    Returns the image data module: what each phase trains on, images or the features of the body
+    as it is then, is decided per phase by `recipe.phase_data`.
 
     Example:
         >>> from hydra import compose, initialize_config_dir
@@ -46,10 +50,11 @@ def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:
     )
     if checkpoint:
         check_resumable(checkpoint, ckpt_path, module)
+        # The restored weights, now: Lightning restores them only after the data module's `setup`,
+        # which extracts cached features, so they would come from the un-restored body.
+        module.load_state_dict(checkpoint["state_dict"])
         module.resume_phase = checkpoint.get("phase", "fit")
     # 3. the weights' preprocessing, pushed back into the data
     datamodule.preprocess = module.preprocess
-    if cfg.get("cache"):
-        # A fully frozen body is a fixed function: train the head on its features, computed once.
-        datamodule = instantiate_clean(cfg.cache).wrap(datamodule, module.backbone)
+    module.use_preprocess(datamodule.preprocess)  # with data.image_size applied: what the head sees
     return module, datamodule

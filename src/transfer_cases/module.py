@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transfer_cases.cases import Case
 from transfer_cases.config import instantiate_clean, to_dict
 from transfer_cases.errors import ConfigError
+from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.heads import make_head
 from transfer_cases.preprocess import Preprocess
 
@@ -106,20 +107,29 @@ class TransferModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images, or of cached features when the body is fully frozen: (N, C)
-        pooled features, or (N, V, C) for V augmented views of which epoch e uses view e mod V."""
-        if x.ndim == 4:
-            return self(x)
+    def forward_cached(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from the frozen body's cached features: (N, C), or (N, V, C) for V augmented views
+        of which epoch e uses view e mod V. Only a fully frozen body has features that never change."""
         if not self.backbone.fully_frozen:
             raise RuntimeError("cached features given to a model whose body is not fully frozen")
-        if x.ndim == 3:
-            x = x[:, self.current_epoch % x.shape[1]]
-        return self.forward_head(x)
+        if features.ndim == 3:
+            features = features[:, self.current_epoch % features.shape[1]]
+        return self.forward_head(features)
+
+    def _logits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """A `FeatureBatch` goes to the head; any other batch holds images and goes through the body."""
+        return self.forward_cached(batch[0]) if isinstance(batch, FeatureBatch) else self(batch[0])
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def use_preprocess(self, preprocess: Preprocess) -> None:
+        """Store the preprocessing the data module applies (the weights', at `data.image_size` when
+        set): the checkpoint must carry what the head was trained and validated with, so that
+        eval, predict and export feed images the same way."""
+        self.preprocess = preprocess
+        self.hparams.update(preprocess=preprocess.to_dict())
 
     # -- parameters -----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
@@ -214,8 +224,8 @@ class TransferModule(L.LightningModule):
     # a `self.log` call costs more than a step of a head on cached features (Lightning moves its
     # result collection each call), and torchmetrics syncs the states across DDP ranks on compute.
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self._logits(x)
+        y = batch[1]
+        logits = self._logits(batch)
         loss = self.loss(logits, y)
         self.train_acc.update(logits.detach(), y)
         self.train_loss.update(loss.detach(), len(y))
@@ -232,8 +242,8 @@ class TransferModule(L.LightningModule):
     def _eval_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, loss: MeanMetric
     ) -> None:
-        x, y = batch
-        logits = self._logits(x)
+        y = batch[1]
+        logits = self._logits(batch)
         loss.update(self.loss(logits, y), len(y))
         metrics.update(logits, y)
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, open_dict
 
 from transfer_cases.cli import instantiate_list
@@ -50,22 +51,19 @@ def plan(module: TransferModule, max_epochs: int, resume_phase: str | None = Non
     return phases
 
 
-def fit_phases(cfg: DictConfig, module: TransferModule, datamodule: Any) -> tuple[L.Trainer, dict[str, Any]]:
-    """Run the phases of `cfg`'s case; returns the last phase's Trainer and a summary per phase.
+def fit_phases(cfg: DictConfig, module: TransferModule, images: Any) -> tuple[L.Trainer, dict[str, Any]]:
+    """Run the phases of `cfg`'s case on the image data module `images`; returns the last phase's
+    Trainer (its `datamodule` is what that phase trained on) and a summary per phase.
 
-    A resume (`cfg.ckpt_path`) continues the phase its checkpoint was saved in; later phases start afresh.
+    A resume (`cfg.ckpt_path`) continues the phase its checkpoint was saved in (`build` has already
+    put the checkpoint's weights in the body); later phases start afresh.
     """
-    images = getattr(datamodule, "images", datamodule)  # the image data under a feature cache
     ckpt_path, done = cfg.get("ckpt_path"), {}
     for phase in plan(module, cfg.trainer.max_epochs, module.resume_phase):
         start = time.perf_counter()
-        if phase.name == PROBE:
-            with probing(module):
-                cache = instantiate_clean(cfg.cache) if cfg.get("cache") else None
-                data = cache.wrap(images, module.backbone) if cache else images
-                trainer = _fit(phase_config(cfg, phase), module, data, ckpt_path)
-        else:
-            trainer = _fit(cfg, module, datamodule, ckpt_path)
+        with probing(module) if phase.name == PROBE else nullcontext():
+            data = phase_data(cfg, module, images)
+            trainer = _fit(phase_config(cfg, phase), module, data, ckpt_path)
         ckpt_path = None
         done[phase.name] = {
             "epochs": trainer.current_epoch,
@@ -74,6 +72,50 @@ def fit_phases(cfg: DictConfig, module: TransferModule, datamodule: Any) -> tupl
             "feature_cache": getattr(trainer.datamodule, "report", None),
         }
     return trainer, done
+
+
+def measure_best(
+    trainer: L.Trainer, module: TransferModule, best: str, *, test: bool = True
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The run's metrics as the best checkpoint scores them, and where they come from.
+
+    After the fit, `callback_metrics` hold the last epoch's values; the best checkpoint (the one
+    tested, exported and deployed) is validated again, without the loggers (the history keeps
+    one row per epoch), so `val/*` (the search objective, summary.json, the collapse warning)
+    and `test/*` describe the same weights. `train/*` stay the last epoch's."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    data = trainer.datamodule
+    report = getattr(data, "report", None)
+    source = {
+        "checkpoint": best or "the last epoch's weights",
+        "val_test_inputs": f"{report['eval_extraction']} features of the frozen body" if report else "images",
+        "precision": str(trainer.precision),
+    }
+    if trainer.fast_dev_run:
+        return metrics, source
+    if best:
+        loggers, trainer.loggers = trainer.loggers, []
+        try:
+            trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
+        finally:
+            trainer.loggers = loggers
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    if test and data.test_dataset is not None:
+        trainer.test(module, datamodule=data, ckpt_path=best or None, verbose=False, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    rank_zero_info(
+        f"metrics of {source['checkpoint']}, val/test on {source['val_test_inputs']} "
+        f"(precision {source['precision']})"
+    )
+    return metrics, source
+
+
+def phase_data(cfg: DictConfig, module: TransferModule, images: Any) -> Any:
+    """What a phase trains on, decided here only: the features of the body as it is now (its freezing
+    for the phase set, its weights pretrained or restored) when the body is fully frozen and the cache
+    is on, else the images. A fully frozen body is a fixed function: its features are computed once."""
+    cache = instantiate_clean(cfg.cache) if cfg.get("cache") else None
+    return cache.wrap(images, module.backbone) if cache else images
 
 
 def _fit(cfg: DictConfig, module: TransferModule, datamodule: Any, ckpt_path: str | None) -> L.Trainer:

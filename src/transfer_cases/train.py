@@ -20,7 +20,7 @@ from transfer_cases.cli import friendly_errors, print_config, print_metrics
 from transfer_cases.config import register_resolvers
 from transfer_cases.diagnose import collapse_warning
 from transfer_cases.paths import config_dir
-from transfer_cases.recipe import fit_phases
+from transfer_cases.recipe import fit_phases, measure_best
 from transfer_cases.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if advice is not None:
         check_train_config(cfg)  # the advised case's own settings
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module, datamodule = build(cfg)
-    trainer, phases = fit_phases(cfg, module, datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    module, images = build(cfg)
+    trainer, phases = fit_phases(cfg, module, images)
     best_callback = _best_checkpoint_callback(trainer)
     best = best_callback.best_model_path if best_callback else ""
-    if cfg.get("test") and datamodule.test_dataset is not None and not trainer.fast_dev_run:
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    images = getattr(datamodule, "images", datamodule)  # under the feature cache, the image data
+    metrics, source = measure_best(trainer, module, best, test=bool(cfg.get("test")))
     warnings = [w for w in [collapse_warning(metrics, images.val_dataset.labels)] if w]
     for w in warnings:
         log.warning(w)
@@ -57,7 +53,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "phases": phases,
         "params": module.parameter_counts(),
-        "feature_cache": getattr(datamodule, "report", None),
+        "metrics_source": source,
+        "feature_cache": getattr(trainer.datamodule, "report", None),
         "advice": advice.to_dict() if advice else None,
         "warnings": warnings,
         "output_dir": str(cfg.paths.output_dir),

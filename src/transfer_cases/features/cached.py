@@ -25,8 +25,10 @@ from transfer_cases.features.store import FeatureSet, FeatureStore
 log = logging.getLogger(__name__)
 
 # Bumped when the meaning of a stored file changes, so older files are never read as current ones.
-FEATURES_VERSION = 1
-STORED_DTYPE = torch.float16  # pooled features are small numbers; half the disk and memory
+FEATURES_VERSION = 2  # 2: stored in float32 (float16 flushed a random body's small activations to zero)
+# The values the pass computed, kept: float16 has neither the range (a randomly initialised body's deep
+# activations are far below its smallest normal number) nor the precision the probes and heads need.
+STORED_DTYPE = torch.float32
 
 
 def body_fingerprint(body: nn.Module) -> str:

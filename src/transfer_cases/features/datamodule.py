@@ -3,9 +3,14 @@
 When every kept stage is frozen, the body is a fixed function: its output for an image never changes,
 so computing it every epoch is wasted work. `CachedFeatureDataModule` wraps the image data module,
 extracts the features of each split once (or loads them from the cache) at `setup`, and its loaders
-yield `(features, label)` batches. `TransferModule` sends 2-D inputs straight to the head, so the
-same module, Trainer, callbacks and checkpoints are used; a checkpoint trained this way is an ordinary
-one that classifies raw images.
+yield `FeatureBatch`es, which `TransferModule` sends straight to the head; the same module, Trainer,
+callbacks and checkpoints are used, and a checkpoint trained this way is an ordinary one that
+classifies raw images. Which data a phase trains on is decided in one place, `recipe.phase_data`,
+once the body holds the weights it continues with.
+
+Numerics: the training split is extracted in the fastest setting (`extraction`); val and test in
+`eval_extraction` (fp32 by default), the numerics `transfer-eval`, `transfer-predict` and the export
+run, so the logged val/acc and the best checkpoint's choice are those of the deployed model.
 
 Augmentation: with `train_views=0` the head trains on the un-augmented view of each training image
 (one pass over the data, the cheapest). With `train_views=K`, K augmented views of each training
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.errors import ConfigError, DataError
+from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureSet, FeatureStore
@@ -41,7 +47,8 @@ class CachedFeatureDataModule(L.LightningDataModule):
         body: the kept body; must be fully frozen.
         store: where feature files live.
         train_views: 0 for the un-augmented view of each train image, K for K augmented views.
-        extraction: numerics of the extraction pass (`auto`, `fp32`, `bf16`, ...; see `features.extract`).
+        extraction: numerics of the train split's pass (`auto`, `fp32`, `bf16`, ...; `features.extract`).
+        eval_extraction: numerics of the val and test splits' pass (the deployed model's: fp32).
         batch_size: images per extraction batch (training batches keep the data module's batch size).
     """
 
@@ -53,6 +60,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         train_views: int = 0,
         extraction: str = "auto",
         batch_size: int = 64,
+        eval_extraction: str = "fp32",
     ) -> None:
         super().__init__()
         if not body.fully_frozen:
@@ -62,6 +70,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.store = store
         self.train_views = train_views
         self.extraction = extraction
+        self.eval_extraction = eval_extraction
         self.batch_size = batch_size
         self.train_dataset: FeatureRows | None = None
         self.val_dataset: FeatureRows | None = None
@@ -88,7 +97,13 @@ class CachedFeatureDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         numerics = resolve_extraction(self.extraction, device)
-        self.report = {"extraction": numerics.name, "dir": str(self.store.root), "files": {}}
+        eval_numerics = resolve_extraction(self.eval_extraction, device, "cache.eval_extraction")
+        self.report = {
+            "extraction": numerics.name,
+            "eval_extraction": eval_numerics.name,
+            "dir": str(self.store.root),
+            "files": {},
+        }
 
         def features(split: str, dataset: Dataset, view: int | None) -> FeatureSet:
             label = split if view is None else f"{split} view {view + 1}/{self.train_views}"
@@ -97,7 +112,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 self.body,
                 dataset,
                 device=device,
-                numerics=numerics,
+                numerics=numerics if split == "train" else eval_numerics,
                 batch_size=self.batch_size,
                 num_workers=self.images.num_workers,
                 view=view,
@@ -158,9 +173,9 @@ class FeatureRows(TensorDataset):
         return tuple(t[index] for t in self.tensors)
 
 
-def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """`FeatureRows` already returns whole batches: nothing to collate."""
-    return batch
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> FeatureBatch:
+    """`FeatureRows` already returns whole batches: nothing to collate, only the type to say what it is."""
+    return FeatureBatch(*batch)
 
 
 def _tensors(fs: FeatureSet) -> FeatureRows:
@@ -174,8 +189,9 @@ class FeatureCache:
         enabled: False trains on images every epoch (the body runs every step).
         dir: the folder of feature files (`paths.cache_dir`/features by default); safe to delete.
         train_views: augmented views per training image (0: the un-augmented view only).
-        extraction: `auto` or a setting of `features.extract.EXTRACTIONS`.
+        extraction: the training split's numerics: `auto` or a setting of `features.extract.EXTRACTIONS`.
         batch_size: images per extraction batch.
+        eval_extraction: the val and test splits' numerics (fp32: what the deployed model runs).
     """
 
     def __init__(
@@ -185,6 +201,7 @@ class FeatureCache:
         train_views: int = 0,
         extraction: str = "auto",
         batch_size: int = 64,
+        eval_extraction: str = "fp32",
     ) -> None:
         if isinstance(train_views, bool) or not isinstance(train_views, int) or train_views < 0:
             raise ConfigError(
@@ -196,11 +213,14 @@ class FeatureCache:
                 f"cache.batch_size={batch_size!r} must be a positive integer (images per extraction batch); "
                 "e.g. cache.batch_size=64"
             )
-        resolve_extraction(extraction, torch.device("cpu"))  # unknown names fail now, not after minutes
+        # Unknown names fail now, not after minutes of extraction.
+        resolve_extraction(extraction, torch.device("cpu"))
+        resolve_extraction(eval_extraction, torch.device("cpu"), "cache.eval_extraction")
         self.enabled = enabled
         self.store = FeatureStore(dir)
         self.train_views = train_views
         self.extraction = extraction
+        self.eval_extraction = eval_extraction
         self.batch_size = batch_size
 
     def applies_to(self, body: StagedBody) -> bool:
@@ -211,5 +231,5 @@ class FeatureCache:
         if not self.applies_to(body):
             return images
         return CachedFeatureDataModule(
-            images, body, self.store, self.train_views, self.extraction, self.batch_size
+            images, body, self.store, self.train_views, self.extraction, self.batch_size, self.eval_extraction
         )

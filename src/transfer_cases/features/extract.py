@@ -45,8 +45,8 @@ def _cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_extraction(name: str, device: torch.device) -> Extraction:
-    """The extraction setting `name` (or the one `auto` picks for `device`)."""
+def resolve_extraction(name: str, device: torch.device, key: str = "cache.extraction") -> Extraction:
+    """The extraction setting `name` (or the one `auto` picks for `device`); `key` names the setting."""
     if name == "auto":
         if device.type == "cuda":
             name = "fp16_channels_last"
@@ -55,7 +55,7 @@ def resolve_extraction(name: str, device: torch.device) -> Extraction:
         else:
             name = "fp32"
     if name not in EXTRACTIONS:
-        raise ConfigError(f"cache.extraction={name} is not one of: auto, {', '.join(EXTRACTIONS)}")
+        raise ConfigError(f"{key}={name} is not one of: auto, {', '.join(EXTRACTIONS)}")
     return EXTRACTIONS[name]
 
 

@@ -1,0 +1,81 @@
+"""A resumed run continues with the body it was trained with, on real pretrained weights.
+
+The embedded MobileNetV2's un-restored body (built without its weights file, as a resume builds it)
+differs from the restored one, so features extracted before the checkpoint's weights are in the body
+would be a random network's: these tests compare a resumed run with an uninterrupted one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from tests.helpers.lightning import Interrupted
+from tests.test_resume import EVERY_EPOCH, QUIET
+from transfer_cases import build
+from transfer_cases.callbacks import frozen_digest
+from transfer_cases.module import TransferModule
+from transfer_cases.train import train
+
+REAL = (
+    "data=hymenoptera",
+    "backbone=mobilenet_v2",
+    "data.image_size=64",  # small images keep the passes short; the body is the real one
+    "data.num_workers=0",
+    "cache.extraction=fp32",
+    *QUIET,
+    EVERY_EPOCH,
+)
+STOP = "+callbacks.stop._target_=tests.helpers.lightning.StopAt"
+
+
+def run(
+    compose: Callable[..., DictConfig], tmp: Path, name: str, *extra: str, cache: str = "cache"
+) -> dict[str, Any]:
+    """A run in folder `name` with feature cache `cache` (so no run reads another's features)."""
+    out = tmp / name
+    return train(compose(*REAL, f"paths.output_dir={out}", f"paths.cache_dir={out}/{cache}", *extra))
+
+
+def train_features(report: dict[str, Any]) -> torch.Tensor:
+    return torch.load(report["files"]["train"]["path"], weights_only=True)["features"]
+
+
+def test_a_resumed_head_trains_on_the_pretrained_body_features(
+    compose_train: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    case = ("case=small_similar", "trainer.max_epochs=10")
+    whole = run(compose_train, tmp_path, "whole", *case)
+    with pytest.raises(Interrupted):
+        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5")
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    restored, _ = build(compose_train(*REAL, *case, f"ckpt_path={last}"))
+    unrestored = TransferModule(**{**restored.hparams, "load_pretrained": False})  # before the restore
+    assert frozen_digest(unrestored) != frozen_digest(restored)  # so a too-early extraction would show
+    resumed = run(compose_train, tmp_path, "cut", *case, f"ckpt_path={last}", cache="resumed_cache")
+    assert resumed["epochs"] == whole["epochs"] == 10
+    assert not resumed["feature_cache"]["files"]["train"]["hit"]  # extracted by the resumed run itself
+    assert torch.equal(train_features(resumed["feature_cache"]), train_features(whole["feature_cache"]))
+    assert whole["metrics"]["val/acc"] > 0.7  # the pretrained body's features, far above chance (0.5)
+    assert abs(resumed["metrics"]["val/acc"] - whole["metrics"]["val/acc"]) <= 0.03
+
+
+def test_lp_ft_resumed_in_its_warm_up_probes_the_pretrained_body(
+    compose_train: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    case = ("case=large_similar", "case.probe_epochs=10", "trainer.max_epochs=1")
+    whole = run(compose_train, tmp_path, "whole", *case)
+    with pytest.raises(Interrupted):
+        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5")
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["phase"] == "probe"
+    resumed = run(compose_train, tmp_path, "cut", *case, f"ckpt_path={last}", cache="resumed_cache")
+    probe, probe_whole = resumed["phases"]["probe"], whole["phases"]["probe"]
+    assert not probe["feature_cache"]["files"]["train"]["hit"]
+    assert torch.equal(train_features(probe["feature_cache"]), train_features(probe_whole["feature_cache"]))
+    assert probe_whole["val/acc"] > 0.7
+    assert abs(probe["val/acc"] - probe_whole["val/acc"]) <= 0.03
