@@ -117,5 +117,5 @@ class CIFAR10DataModule(ClassificationDataModule):
     def _load_splits(self) -> Splits:
         return self._splits
 
-    def _no_test_split_message(self) -> str:
+    def no_test_split_message(self) -> str:
         return f"there is no test split in {self.root}; it needs test/<class>/ images next to train/"

@@ -127,7 +127,7 @@ class ClassificationDataModule(L.LightningDataModule):
         """The sources of each split, labels indexing `self.classes`; called once, at setup."""
         raise NotImplementedError(f"{type(self).__name__} must implement _load_splits() -> Splits")
 
-    def _no_test_split_message(self) -> str:
+    def no_test_split_message(self) -> str:
         return f"{type(self).__name__} has no test split"
 
     # --- public API ---------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         if self.test_dataset is None:
-            raise DataError(self._no_test_split_message())
+            raise DataError(self.no_test_split_message())
         return self._loader(self.test_dataset)
 
     # --- helpers ------------------------------------------------------------------------------------

@@ -100,5 +100,5 @@ class ImageFolderDataModule(ClassificationDataModule):
     def _load_splits(self) -> Splits:
         return self._splits
 
-    def _no_test_split_message(self) -> str:
+    def no_test_split_message(self) -> str:
         return f"there is no test split in {self.root}; add {self.root}/test/<class>/ images to test"

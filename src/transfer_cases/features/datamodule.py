@@ -160,7 +160,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         if self.test_dataset is None:
-            raise DataError(self.images._no_test_split_message())
+            raise DataError(self.images.no_test_split_message())
         return DataLoader(self.test_dataset, batch_size=EVAL_ROWS, collate_fn=_as_batch)
 
 
