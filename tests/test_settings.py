@@ -3,6 +3,8 @@ work: no hang, no traceback, no silently wrong run."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -72,3 +74,32 @@ def test_an_error_raised_inside_instantiate_comes_out_as_itself() -> None:
     )
     with deadline(30), pytest.raises(ConfigError, match=r"min_interval_s='abc' must be a number of seconds"):
         instantiate_list(callbacks)
+
+
+# --- 2. booleans: yes/no, on/off, true/false; never a truthy string ---------------------------------
+
+
+@pytest.mark.parametrize("value", ["no", "off", "No"])
+def test_a_boolean_written_no_or_off_turns_the_cache_off(
+    tmp_path: Path, image_folder: Path, value: str
+) -> None:
+    run = train_cli(
+        f"data.root={image_folder}",
+        "case=small_similar",
+        "trainer.max_epochs=1",
+        f"cache.enabled={value}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["feature_cache"] is None
+    assert not list((tmp_path / "cache").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "nope"])
+def test_a_boolean_that_is_neither_is_refused(tmp_path: Path, image_folder: Path, value: str) -> None:
+    run = train_cli(f"data.root={image_folder}", f"cache.enabled={value}", cwd=tmp_path)
+    line = one_line_error(run)
+    assert re.search(rf"cache\.enabled='?{value}'? is not a boolean: use true or false", line), line
+    assert not (tmp_path / "run" / "checkpoints").exists()

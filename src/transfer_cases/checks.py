@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ def check_train_config(cfg: DictConfig) -> None:
 
     Runs before the advisor too (`case=auto`, a typo must not cost an extraction): the auto case's
     unset fields (null until the advisor picks a case) are then skipped, the ones set checked."""
+    check_settings(cfg, TRAIN_SETTINGS)
     trainer = cfg.trainer
     # trainer.max_epochs follows case.epochs unless set: name the setting the user actually wrote.
     key = "case.epochs" if _follows_case_epochs(trainer) else "trainer.max_epochs"
@@ -64,6 +66,7 @@ def _check_auto_case(case: DictConfig) -> None:
 
 def check_eval_config(cfg: DictConfig) -> None:
     """What `transfer-eval` needs from its config before it loads the checkpoint."""
+    check_settings(cfg, TRAIN_SETTINGS)  # the keys eval.yaml shares with train.yaml
     check_accelerator(cfg.trainer)
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
 
@@ -99,6 +102,56 @@ def number_in(value: Any, key: str, low: float, high: float | None, example: str
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value  # not NaN
+
+
+# --- the settings' schema -----------------------------------------------------------------------
+# One rule per setting, checked by `check_settings` before any work. A rule takes `(value, key)` and
+# returns the value to use (a boolean written `no` becomes False) or raises a ConfigError naming the
+# key, the bad value and a valid example. A key absent from the config is skipped.
+Rule = Callable[[Any, str], Any]
+
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def boolean(value: Any, key: str) -> bool:
+    """true/false, yes/no, on/off (any case). Any other string would be truthy where it is used
+    (`cache.enabled=no` kept the cache on), so it is refused."""
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ConfigError(
+        f"{key}={value!r} is not a boolean: use true or false (yes/no and on/off work too); e.g. {key}=false"
+    )
+
+
+def check_settings(cfg: DictConfig, rules: Mapping[str, Rule]) -> None:
+    """Apply each rule to its setting, and write back the values the rules normalise."""
+    for key, rule in rules.items():
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or name not in parent:
+            continue
+        value = parent[name]
+        checked = rule(value, key)
+        if type(checked) is not type(value) or checked != value:
+            parent[name] = checked
+
+
+TRAIN_SETTINGS: dict[str, Rule] = {
+    "test": boolean,
+    "cache.enabled": boolean,
+    "data.check_images": boolean,
+    "model.channels_last": boolean,
+    "trainer.sync_batchnorm": boolean,
+    "trainer.enable_checkpointing": boolean,
+    "trainer.enable_progress_bar": boolean,
+    "trainer.enable_model_summary": boolean,
+    "trainer.inference_mode": boolean,
+    "trainer.detect_anomaly": boolean,
+    "trainer.barebones": boolean,
+}
 
 
 def check_accelerator(trainer: DictConfig) -> None:
