@@ -103,3 +103,35 @@ def test_a_boolean_that_is_neither_is_refused(tmp_path: Path, image_folder: Path
     line = one_line_error(run)
     assert re.search(rf"cache\.enabled='?{value}'? is not a boolean: use true or false", line), line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- 3. a mandatory setting left unset -------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """A `transfer-*` command (`args[0]`) with its arguments, killed after `timeout` seconds."""
+    exe = Path(sys.executable).with_name(args[0])
+    return run_console_script([str(exe), *args[1:]], cwd=cwd, env=cli_env(), timeout=timeout)
+
+
+@pytest.mark.parametrize("command", ["transfer-train", "transfer-advise"])
+def test_imagefolder_without_a_root_names_data_root(tmp_path: Path, command: str) -> None:
+    """`data=imagefolder` inherited the embedded ants/bees root: `???` does not replace a merged value."""
+    run = cli(
+        command,
+        "data=imagefolder",
+        *TINY_OVERRIDES,
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    line = one_line_error(run)
+    assert line == "error: data.root is not set; give it on the command line, e.g. data.root=/path/to/images"
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "advice.json").exists()
+
+
+def test_eval_without_a_checkpoint_names_ckpt_path(tmp_path: Path) -> None:
+    run = cli("transfer-eval", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert one_line_error(run).startswith(
+        "error: ckpt_path is not set; give it on the command line, e.g. ckpt_path="
+    )

@@ -22,6 +22,7 @@ def check_train_config(cfg: DictConfig) -> None:
 
     Runs before the advisor too (`case=auto`, a typo must not cost an extraction): the auto case's
     unset fields (null until the advisor picks a case) are then skipped, the ones set checked."""
+    check_set(cfg)
     check_settings(cfg, TRAIN_SETTINGS)
     trainer = cfg.trainer
     # trainer.max_epochs follows case.epochs unless set: name the setting the user actually wrote.
@@ -66,6 +67,7 @@ def _check_auto_case(case: DictConfig) -> None:
 
 def check_eval_config(cfg: DictConfig) -> None:
     """What `transfer-eval` needs from its config before it loads the checkpoint."""
+    check_set(cfg)
     check_settings(cfg, TRAIN_SETTINGS)  # the keys eval.yaml shares with train.yaml
     check_accelerator(cfg.trainer)
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
@@ -102,6 +104,37 @@ def number_in(value: Any, key: str, low: float, high: float | None, example: str
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value  # not NaN
+
+
+# What to write for a setting left `???`: the settings a user must give.
+MISSING_EXAMPLES = {
+    "data.root": "data.root=/path/to/images",
+    "ckpt_path": "ckpt_path=/path/to/run/checkpoints/epochNN.ckpt",
+}
+
+
+def check_set(cfg: DictConfig) -> None:
+    """Every mandatory setting (`???` in the config) is given; else one message naming it."""
+    missing = _missing_keys(cfg)
+    if missing:
+        key = missing[0]
+        example = MISSING_EXAMPLES.get(key, f"{key}=...")
+        raise ConfigError(f"{key} is not set; give it on the command line, e.g. {example}")
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, DictConfig):
+        return []
+    keys = []
+    for name in node:
+        key = f"{prefix}{name}"
+        if key == "hydra":
+            continue
+        if OmegaConf.is_missing(node, name):
+            keys.append(key)
+        elif isinstance(node._get_node(name), DictConfig):
+            keys += _missing_keys(node._get_node(name), f"{key}.")
+    return keys
 
 
 # --- the settings' schema -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.report import print_advice, user_overrides, write_advice
+from transfer_cases.checks import check_set
 from transfer_cases.cli import console, friendly_errors
 from transfer_cases.config import register_resolvers
 from transfer_cases.paths import config_dir
@@ -19,6 +20,7 @@ from transfer_cases.paths import config_dir
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="advise")
 @friendly_errors
 def _main(cfg: DictConfig) -> None:
+    check_set(cfg)
     advice, timings = advise_from_config(cfg)
     extra = user_overrides()
     print_advice(advice, extra, console=console)
