@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from tests.helpers.cli import run_console_script
@@ -135,3 +136,55 @@ def test_eval_without_a_checkpoint_names_ckpt_path(tmp_path: Path) -> None:
     assert one_line_error(run).startswith(
         "error: ckpt_path is not set; give it on the command line, e.g. ckpt_path="
     )
+
+
+# --- 4. every other setting: type and range before any work ----------------------------------------
+
+NO_GPU = pytest.mark.skipif(torch.cuda.device_count() > 0, reason="-1 means every GPU where there are GPUs")
+WHOLE = r"is not a whole number"
+BAD_SETTINGS = {
+    "seed=-1": rf"seed=-1 {WHOLE} from 0 to 4294967295; e\.g\. seed=42",
+    "seed=abc": rf"seed='abc' {WHOLE} from 0 to 4294967295",
+    "seed=99999999999": rf"seed=99999999999 {WHOLE} from 0 to 4294967295",
+    "advisor.seed=abc": rf"advisor\.seed='abc' {WHOLE} from 0 to 4294967295; e\.g\. advisor\.seed=42",
+    "trainer.log_every_n_steps=0": rf"log_every_n_steps=0 {WHOLE} >= 1; e\.g\. trainer\.log_every_n_steps=4",
+    "trainer.check_val_every_n_epoch=0": rf"trainer\.check_val_every_n_epoch=0 {WHOLE} >= 1",
+    "+trainer.accumulate_grad_batches=0": rf"trainer\.accumulate_grad_batches=0 {WHOLE} >= 1",
+    "+trainer.limit_train_batches=0": r"trainer\.limit_train_batches=0 must be a number of batches >= 1 or a "
+    r"fraction in \(0, 1\] \(0 runs no batch",
+    "optimized_metric=val/nope": r"optimized_metric='val/nope' is not one of: val/acc, val/f1, val/loss, "
+    r"train/acc, train/loss_epoch",
+    "data.augment=foo": r"data\.augment='foo' is not a list of transforms \(mappings with a _target_\); "
+    r"e\.g\. data\.augment=\[\] for none",
+    "backbone.image_size=0": rf"backbone\.image_size=0 {WHOLE} >= 1; e\.g\. backbone\.image_size=224",
+    "model.head.dropout=true": r"model\.head\.dropout=True must be a number >= 0 and < 1; e\.g\. "
+    r"model\.head\.dropout=0\.2",
+    "model.head.dropout=1": r"model\.head\.dropout=1 must be a number >= 0 and < 1",
+    "model.head.dropout=2": r"model\.head\.dropout=2 must be a number >= 0 and < 1",
+    "model.head.kind=mlp model.head.hidden=0": rf"hidden=0 {WHOLE} >= 1; e\.g\. model\.head\.hidden=256",
+    "model.head.kind=mlp model.head.hidden=true": rf"model\.head\.hidden=True {WHOLE} >= 1",
+    "model.head.kind=foo": r"head\.kind='foo' is not one of: linear, mlp; e\.g\. model\.head\.kind=linear",
+    "trainer.precision=foo": r"precision='foo' is not a precision Lightning knows: 32-true, 16-mixed",
+    "trainer.devices=0": r"devices=0 is not a number of devices >= 1 or auto; e\.g\. trainer\.devices=1",
+    "trainer.devices=-1": r"trainer\.devices=-1 is not a number of devices >= 1 or auto",
+    "trainer.devices=abc": r"trainer\.devices='abc' is not a number of devices >= 1 or auto",
+}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [pytest.param(o, marks=NO_GPU) if o == "trainer.devices=-1" else o for o in BAD_SETTINGS],
+)
+def test_bad_settings_stop_with_one_line_before_any_work(
+    tmp_path: Path, image_folder: Path, overrides: str
+) -> None:
+    run = train_cli(
+        f"data.root={image_folder}",
+        "trainer.max_epochs=1",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *overrides.split(),
+        cwd=tmp_path,
+    )
+    line = one_line_error(run)
+    assert re.search(BAD_SETTINGS[overrides], line), line
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "cache").exists()

@@ -3,6 +3,7 @@ and a valid example, instead of a traceback minutes later (or a run that never e
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transfer_cases.errors import ConfigError, OutputError, TransferCasesError
 
@@ -172,11 +173,139 @@ def check_settings(cfg: DictConfig, rules: Mapping[str, Rule]) -> None:
             parent[name] = checked
 
 
+def whole(low: int = 1, high: int | None = None, *, example: int, optional: bool = False) -> Rule:
+    """A whole number (not a boolean) in [low, high]; null too when `optional`."""
+    bounds = f">= {low}" if high is None else f"from {low} to {high}"
+
+    def rule(value: Any, key: str) -> Any:
+        if value is None and optional:
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ConfigError(f"{key}={value!r} is not a whole number {bounds}; e.g. {key}={example}")
+        if high is not None and value > high:
+            raise ConfigError(f"{key}={value!r} is not a whole number {bounds}; e.g. {key}={example}")
+        return value
+
+    return rule
+
+
+def number(low: float, high: float | None = None, *, example: float) -> Rule:
+    """A finite number (not a boolean) with `low <= value` (and `value < high` when given)."""
+
+    def rule(value: Any, key: str) -> Any:
+        number_in(value, key, low, high, f"={example}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not a finite number; e.g. {key}={example}")
+        return value
+
+    return rule
+
+
+def one_of(*choices: Any, example: Any = None) -> Rule:
+    def rule(value: Any, key: str) -> Any:
+        if isinstance(value, bool) or value not in choices:
+            names = ", ".join(str(c) for c in choices)
+            raise ConfigError(f"{key}={value!r} is not one of: {names}; e.g. {key}={example or choices[0]}")
+        return value
+
+    return rule
+
+
+def batches(value: Any, key: str) -> Any:
+    """Lightning's `limit_*_batches`: a number of batches >= 1, or a fraction of them in (0, 1]."""
+    whole_ok = isinstance(value, numbers.Integral) and value >= 1
+    fraction_ok = isinstance(value, float) and 0 < value <= 1
+    if isinstance(value, bool) or not (whole_ok or fraction_ok):
+        nothing = " (0 runs no batch: nothing is trained or validated)" if value == 0 else ""
+        raise ConfigError(
+            f"{key}={value!r} must be a number of batches >= 1 or a fraction in (0, 1]{nothing}; "
+            f"e.g. {key}=1.0"
+        )
+    return value
+
+
+def devices(value: Any, key: str) -> Any:
+    """A number of devices >= 1 or `auto`; on a machine with GPUs also -1 (all) or GPU indices."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    if torch.cuda.device_count() > 0:
+        indices = value.split(",") if isinstance(value, str) else value
+        if value == -1 or (
+            isinstance(indices, list | ListConfig)
+            and indices
+            and all(str(i).strip().isdigit() for i in indices)
+        ):
+            return value
+    raise ConfigError(f"{key}={value!r} is not a number of devices >= 1 or auto; e.g. {key}=1")
+
+
+# What Lightning 2 accepts as `precision` (lightning.fabric.connector._PRECISION_INPUT).
+PRECISIONS = (
+    "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64,
+)  # fmt: skip
+
+
+def precision(value: Any, key: str) -> Any:
+    if isinstance(value, bool) or value not in PRECISIONS:
+        raise ConfigError(
+            f"{key}={value!r} is not a precision Lightning knows: 32-true, 16-mixed, bf16-mixed, "
+            f"16-true, bf16-true, 64-true; e.g. {key}=16-mixed (or the preset precision=16-mixed)"
+        )
+    return value
+
+
+def augment(value: Any, key: str) -> Any:
+    """Transforms to instantiate: a list of mappings with a `_target_` (or one, or null/[] for none)."""
+    items = value if isinstance(value, ListConfig | list) else [value] if value is not None else []
+    if not all(isinstance(item, DictConfig | dict) and "_target_" in item for item in items):
+        raise ConfigError(
+            f"{key}={value!r} is not a list of transforms (mappings with a _target_); e.g. {key}=[] for "
+            f"none, or {key}='[{{_target_: torchvision.transforms.v2.RandomHorizontalFlip}}]'"
+        )
+    return value
+
+
+def deterministic(value: Any, key: str) -> Any:
+    """Lightning's `deterministic`: a boolean, or `warn`."""
+    return value if value == "warn" else boolean(value, key)
+
+
+def fast_dev_run(value: Any, key: str) -> Any:
+    """Lightning's `fast_dev_run`: a boolean, or a number of batches >= 0."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return value
+    return boolean(value, key)
+
+
+# The metrics TransferModule logs once per epoch (module.py, `_log_epoch`): what a checkpoint can monitor.
+EPOCH_METRICS = ("val/acc", "val/f1", "val/loss", "train/acc", "train/loss_epoch")
+SEED = whole(0, 2**32 - 1, example=42)  # numpy's seed range
+
 TRAIN_SETTINGS: dict[str, Rule] = {
+    "seed": SEED,
+    "advisor.seed": SEED,
     "test": boolean,
+    "optimized_metric": one_of(*EPOCH_METRICS),
+    "callbacks.model_checkpoint.monitor": one_of(*EPOCH_METRICS),
     "cache.enabled": boolean,
     "data.check_images": boolean,
+    "data.augment": augment,
+    "backbone.image_size": whole(1, example=224, optional=True),
     "model.channels_last": boolean,
+    "model.head.kind": one_of("linear", "mlp"),
+    "model.head.hidden": whole(1, example=256),
+    "model.head.dropout": number(0, 1, example=0.2),
+    "trainer.devices": devices,
+    "trainer.num_nodes": whole(1, example=1),
+    "trainer.precision": precision,
+    "trainer.log_every_n_steps": whole(1, example=4),
+    "trainer.check_val_every_n_epoch": whole(1, example=1, optional=True),
+    "trainer.accumulate_grad_batches": whole(1, example=1),
+    "trainer.limit_train_batches": batches,
+    "trainer.limit_val_batches": batches,
+    "trainer.fast_dev_run": fast_dev_run,
+    "trainer.deterministic": deterministic,
     "trainer.sync_batchnorm": boolean,
     "trainer.enable_checkpointing": boolean,
     "trainer.enable_progress_bar": boolean,
@@ -184,6 +313,8 @@ TRAIN_SETTINGS: dict[str, Rule] = {
     "trainer.inference_mode": boolean,
     "trainer.detect_anomaly": boolean,
     "trainer.barebones": boolean,
+    "callbacks.last_checkpoint.min_interval_s": number(0, example=10),
+    "callbacks.freeze_guard.check_interval_s": number(0, example=10),
 }
 
 
