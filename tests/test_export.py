@@ -19,9 +19,11 @@ import torch
 from PIL import Image
 
 from tests.conftest import MOBILENET, TINY, case_config, write_image_folder
+from tests.test_images import sideways_photo
 from transfer_cases import asset_path
 from transfer_cases.checkpoint import load_module
 from transfer_cases.data import ImageFolderDataModule
+from transfer_cases.data.sources import open_image
 from transfer_cases.data.transforms import eval_transform
 from transfer_cases.export import FORMATS, main, usage
 from transfer_cases.module import TransferModule
@@ -327,13 +329,15 @@ def _palette_with_transparency(path: Path) -> Path:
         _palette_with_transparency,
         lambda p: Image.open(IMAGES[0]).convert("LA").save(p) or p,
         lambda p: Image.open(IMAGES[1]).save(p) or p,
+        lambda p: sideways_photo(p.with_suffix(".jpg")) and p.with_suffix(".jpg"),
     ],
-    ids=["grey16", "palette-transparent", "grey-alpha", "rgb"],
+    ids=["grey16", "palette-transparent", "grey-alpha", "rgb", "exif-sideways"],
 )
 def test_onnx_snippet_preprocesses_like_the_pipeline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[Path], Path]
 ) -> None:
-    """The printed snippet's array is the validation transform's, whatever the image mode."""
+    """The printed snippet's array is the validation transform's on the image as training reads it
+    (`open_image`: upright by its EXIF orientation), whatever the image mode."""
     image = make(tmp_path / "image.png")
     prep = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize_size=36, crop_size=32)
     inputs: list[np.ndarray] = []
@@ -343,7 +347,7 @@ def test_onnx_snippet_preprocesses_like_the_pipeline(
         exec(compile(usage("onnx", tmp_path / "m.onnx", str(image)), "snippet", "exec"), {})
     assert printed.getvalue().split()[0] == "light"
     (x,) = inputs
-    expected = eval_transform(prep)(Image.open(image)).numpy()[None]
+    expected = eval_transform(prep)(open_image(image, str(image))).numpy()[None]
     assert x.shape == expected.shape == (1, 3, 32, 32) and x.dtype == np.float32
     np.testing.assert_allclose(x, expected, atol=1e-5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -10,12 +11,16 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tests.conftest import TINY, case_config
+from tests.helpers.lightning import save_checkpoint
+from tests.test_configs import run_cli
 from tests.test_data import make_split
 from transfer_cases.cli import friendly_errors
 from transfer_cases.data import FileSource, ImageFolderDataModule, SubsetDataset
 from transfer_cases.data.sources import open_image, verify_image
 from transfer_cases.data.transforms import eval_transform, to_rgb
 from transfer_cases.errors import DataError
+from transfer_cases.module import TransferModule
 from transfer_cases.paths import asset_path
 from transfer_cases.preprocess import Preprocess
 
@@ -143,3 +148,42 @@ def test_an_image_error_in_a_dataloader_worker_prints_one_line(
     assert printed.startswith(f"error: cannot read image {bad} (image file is truncated")
     assert printed.endswith("delete or replace the file")
     assert "\n" not in printed and "Traceback" not in printed
+
+
+def sideways_photo(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A JPEG stored sideways with EXIF Orientation=6 (turn 90° clockwise to view), as a phone saves
+    a photo taken in portrait. Returns the pixels as stored and as the photo is meant to be seen."""
+    with Image.open(ANT) as ant:
+        stored = ant.convert("RGB").resize((64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(path, exif=exif, quality=95)
+    with Image.open(path) as img:
+        decoded = img.convert("RGB")  # the pixels as stored, JPEG loss included
+    return np.asarray(decoded), np.asarray(decoded.transpose(Image.Transpose.ROTATE_270))
+
+
+def test_a_photo_stored_sideways_is_read_upright(tmp_path: Path) -> None:
+    path = tmp_path / "portrait.jpg"
+    stored, upright = sideways_photo(path)
+    assert stored.shape == (40, 64, 3) and upright.shape == (64, 40, 3)
+    np.testing.assert_array_equal(np.asarray(open_image(path, str(path))), upright)
+
+
+def test_predict_sees_a_sideways_photo_upright(tmp_path: Path) -> None:
+    """transfer-predict (and training, through the same `open_image`) classifies what the photo shows:
+    the EXIF-oriented JPEG scores as its upright pixels do, not as its stored ones."""
+    module = TransferModule(
+        backbone=TINY, case=case_config("small_similar"), num_classes=2, class_names=["a", "b"]
+    )
+    ckpt = save_checkpoint(module, tmp_path / "model.ckpt")
+    images = tmp_path / "images"
+    images.mkdir()
+    stored, upright = sideways_photo(images / "photo.jpg")
+    Image.fromarray(upright).save(images / "upright.png")
+    Image.fromarray(stored).save(images / "sideways.png")
+    run = run_cli("transfer-predict", str(ckpt), str(images), "--out", str(tmp_path / "p.csv"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = {Path(r["file"]).name: (r["class"], r["probability"]) for r in csv.DictReader(f)}
+    assert rows["photo.jpg"] == rows["upright.png"] != rows["sideways.png"]

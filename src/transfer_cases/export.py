@@ -171,7 +171,7 @@ import json
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 session = ort.InferenceSession(MODEL_PATH, providers=["CPUExecutionProvider"])
 info = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
@@ -185,7 +185,7 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 extra = {"metadata.json": ""}
 model = torch.jit.load(MODEL_PATH, _extra_files=extra)
@@ -200,7 +200,7 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 extra = {"metadata.json": ""}
 model = torch.export.load(MODEL_PATH, extra_files=extra).module()
@@ -234,7 +234,7 @@ def to_rgb(img):
 def preprocess(path):
     \"\"\"Resize the short side, centre-crop, scale to [0, 1], normalise: a (1, 3, crop, crop) batch.\"\"\"
     p = info["preprocess"]
-    img = to_rgb(Image.open(path))
+    img = to_rgb(ImageOps.exif_transpose(Image.open(path)))  # upright, as the EXIF orientation says
     (w, h), size, crop = img.size, p["resize_size"], p["crop_size"]
     long = int(size * max(w, h) / min(w, h))
     img = img.resize((size, long) if w <= h else (long, size), Image.BILINEAR)

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from transfer_cases.data.transforms import to_rgb
@@ -31,11 +31,16 @@ Readable = str | Path | IO[bytes]
 
 
 def open_image(fp: Readable, name: str) -> Image.Image:
-    """Decode one image to RGB; a bad file becomes a `DataError` that names it, so a crash mid-epoch
-    points at the file to fix rather than at PIL internals."""
+    """Decode one image to RGB, upright; a bad file becomes a `DataError` that names it, so a crash
+    mid-epoch points at the file to fix rather than at PIL internals.
+
+    Upright: a camera stores a photo taken sideways as the sensor saw it, with an EXIF `Orientation`
+    tag saying how to turn it (every viewer does); without the turn a model is trained on, and
+    predicts, sideways images."""
     try:
         with Image.open(fp) as img:
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             return to_rgb(img)
     except DataError as err:  # a decodable image whose pixels cannot be made RGB (see `to_rgb`)
         raise DataError(f"cannot use image {name}: {err}") from err
@@ -160,7 +165,8 @@ class FileSource(ImageSource):
         return verify_image(self.paths[index], str(self.paths[index]))
 
     def fingerprint(self) -> str:
-        return digest(type(self).__name__, [file_stamp(p) for p in self.paths], self.labels)
+        # "upright": features cached before `open_image` applied the EXIF orientation are not reused.
+        return digest(type(self).__name__, "upright", [file_stamp(p) for p in self.paths], self.labels)
 
 
 class SubsetDataset(Dataset):
