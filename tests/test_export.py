@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import MOBILENET, TINY, case_config, write_image_folder
+from tests.test_configs import run_cli
 from tests.test_images import sideways_photo
 from transfer_cases import asset_path
 from transfer_cases.checkpoint import load_module
@@ -357,3 +358,37 @@ def test_readme_onnx_snippet_is_what_the_command_prints() -> None:
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     onnx = [b for b in blocks if "import onnxruntime as ort" in b]
     assert onnx == [usage("onnx", "epoch04.onnx", "bee.jpg")]
+
+
+# -- the file's suffix and the format agree ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fmt", "name", "named"),
+    [
+        ("torchscript", "model.onnx", "onnx"),
+        ("onnx", "model.pt", "torchscript"),
+        ("exported", "m.pt", "torchscript"),
+    ],
+)
+def test_a_suffix_of_another_format_is_refused(
+    checkpoint: Callable[[str], Path], tmp_path: Path, fmt: str, name: str, named: str
+) -> None:
+    """`--format torchscript --out model.onnx` wrote TorchScript under an ONNX name without a word."""
+    out = tmp_path / name
+    run = run_cli(
+        "transfer-export", str(checkpoint("tiny")), "--format", fmt, "--out", str(out), cwd=tmp_path
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    right = out.with_suffix(FORMATS[fmt]).name
+    assert f"--out {out} ends in {out.suffix}, the suffix of the {named} format, but --format {fmt}" in line
+    assert f"name the file {right} (or pass --format {named}" in line
+    assert not out.exists() and not list(tmp_path.glob("*.json"))
+
+
+def test_without_format_the_suffix_chooses_it(checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    out = tmp_path / "model.pt2"
+    run = run_cli("transfer-export", str(checkpoint("tiny")), "--out", str(out), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {out} (exported," in run.stdout
+    assert json.loads(Path(f"{out}.json").read_text())["format"] == "exported"
+    torch.export.load(out)  # a torch.export program, not an ONNX file under a .pt2 name

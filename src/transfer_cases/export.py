@@ -104,10 +104,11 @@ EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path, dict[str, Any]], N
 }
 
 
-def export(ckpt: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> Path:
-    """Export the checkpoint's model in `fmt` to `out` (default: next to the checkpoint) and `<out>.json`."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
+def export(ckpt: str | Path, fmt: str | None = None, out: str | Path | None = None) -> Path:
+    """Export the checkpoint's model in `fmt` to `out` (default: next to the checkpoint) and `<out>.json`.
+
+    Without `fmt`, the format is the one `out`'s suffix names (see `choose_format`)."""
+    fmt = choose_format(fmt, out)
     if fmt == "onnx":
         _require_onnx()
     ckpt = Path(ckpt).expanduser()
@@ -125,6 +126,28 @@ def export(ckpt: str | Path, fmt: str = "onnx", out: str | Path | None = None) -
     except OSError as e:
         raise ConfigError(f"cannot write {path} ({e.strerror or e}); {WRITABLE_FIX}") from None
     return path
+
+
+def choose_format(fmt: str | None, out: str | Path | None) -> str:
+    """The format to write: `fmt`, else the one whose suffix `out` ends in, else onnx.
+
+    A file named for one format holding another (`--format torchscript --out model.onnx`) would be
+    handed to the wrong runtime, so a suffix of another format is refused; a suffix no format uses
+    (`model.bin`) is the user's choice and kept."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
+    is_file = out is not None and not (Path(out).expanduser().is_dir() or str(out).endswith(("/", os.sep)))
+    suffix = Path(out).suffix.lower() if is_file else ""
+    named = next((name for name, ext in FORMATS.items() if ext == suffix), None)
+    if fmt is None:
+        return named or "onnx"
+    if named is not None and named != fmt:
+        raise ConfigError(
+            f"--out {out} ends in {suffix}, the suffix of the {named} format, but --format {fmt} writes "
+            f"{fmt}; name the file {Path(out).with_suffix(FORMATS[fmt]).name} (or pass --format {named}, "
+            "or leave --format out: the suffix chooses the format)"
+        )
+    return fmt
 
 
 def output_path(ckpt: Path, fmt: str, out: str | Path | None) -> Path:
@@ -266,19 +289,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--format",
         choices=list(FORMATS),
-        default="onnx",
+        default=None,
         help="onnx (onnxruntime and friends; needs the 'export' extra), torchscript (.pt), "
-        "exported (torch.export, .pt2); default: onnx",
+        "exported (torch.export, .pt2); default: the one --out's suffix names, else onnx. "
+        "A --out suffix of another format is refused",
     )
     parser.add_argument(
         "--out", default=None, help="output file, or folder ending in '/' (default: next to the checkpoint)"
     )
     args = parser.parse_args(argv)
-    path = export(args.ckpt, args.format, args.out)
+    fmt = choose_format(args.format, args.out)
+    path = export(args.ckpt, fmt, args.out)
     size = path.stat().st_size / 2**20
-    print(f"wrote {path} ({args.format}, {size:.1f} MB) and {path}.json (class names, preprocessing)")
-    print("\nusage (pip install onnxruntime pillow numpy):" if args.format == "onnx" else "\nusage:")
-    print(usage(args.format, path))
+    print(f"wrote {path} ({fmt}, {size:.1f} MB) and {path}.json (class names, preprocessing)")
+    print("\nusage (pip install onnxruntime pillow numpy):" if fmt == "onnx" else "\nusage:")
+    print(usage(fmt, path))
 
 
 if __name__ == "__main__":
