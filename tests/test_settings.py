@@ -188,3 +188,17 @@ def test_bad_settings_stop_with_one_line_before_any_work(
     line = one_line_error(run)
     assert re.search(BAD_SETTINGS[overrides], line), line
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "cache").exists()
+
+
+def test_advise_checks_the_settings_before_extracting(tmp_path: Path, image_folder: Path) -> None:
+    """transfer-advise composes train.yaml: the same schema, before the advisor's extraction passes."""
+    run = cli(
+        "transfer-advise",
+        *TINY_OVERRIDES,
+        f"data.root={image_folder}",
+        "advisor.seed=abc",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    line = one_line_error(run)
+    assert re.search(r"advisor\.seed='abc' is not a whole number from 0 to 4294967295", line), line

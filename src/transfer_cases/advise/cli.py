@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.report import print_advice, user_overrides, write_advice
-from transfer_cases.checks import check_set
+from transfer_cases.checks import TRAIN_SETTINGS, check_set, check_settings
 from transfer_cases.cli import console, friendly_errors
 from transfer_cases.config import register_resolvers
 from transfer_cases.paths import config_dir
@@ -21,6 +21,7 @@ from transfer_cases.paths import config_dir
 @friendly_errors
 def _main(cfg: DictConfig) -> None:
     check_set(cfg)
+    check_settings(cfg, TRAIN_SETTINGS)  # the keys advise.yaml shares with train.yaml
     advice, timings = advise_from_config(cfg)
     extra = user_overrides()
     print_advice(advice, extra, console=console)
