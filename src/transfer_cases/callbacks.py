@@ -1,6 +1,7 @@
 """Callbacks of `transfer-train`: `FreezeGuard` (a run fails loudly if its frozen prefix changes or
-leaves eval mode), `MetricsHistory` (a resumed run keeps its metrics history) and `LastCheckpoint`
-(last.ckpt for resuming, at a bounded cost)."""
+leaves eval mode), `NonFiniteGuard` (a diverged run fails instead of reporting NaN as "ok"),
+`MetricsHistory` (a resumed run keeps its metrics history) and `LastCheckpoint` (last.ckpt for
+resuming, at a bounded cost)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,99 @@ class FreezeGuard(L.Callback):
         }
         name = "" if pl_module.phase == "fit" else f"{pl_module.phase}_"
         (out / f"freeze_guard_{name}rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=2))
+
+
+class NonFiniteGuard(L.Callback):
+    """A NaN or infinite loss or weight stops the run with one error naming the likely setting.
+
+    A diverged run otherwise trains on, validates NaN logits, writes (and marks best) checkpoints of
+    NaN weights and ends with status "ok". The training loss is flagged on the device at every step
+    (no host sync per step); the flag and the trainable weights are checked before every validation
+    and every checkpoint (checkpoint callbacks run after this one), and at every epoch's end. The
+    validation loss is checked when validation ends, before `ModelCheckpoint` ranks the epoch.
+    """
+
+    def __init__(self) -> None:
+        self._bad_loss: torch.Tensor | None = None
+        self._bad_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._bad_loss, self._bad_step = None, -1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+        if loss.device.type == "cpu" and bool(bad):
+            self._bad_step = trainer.global_step  # on the CPU the check is free: stop at once
+            self._check(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training and not trainer.sanity_checking:
+            self._check(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.training:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            raise ConfigError(_diverged(trainer, pl_module, f"the validation loss is {float(loss)}"))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.training:
+            self._check(trainer, pl_module)
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._bad_loss is not None and bool(self._bad_loss):
+            at = f" (step {self._bad_step})" if self._bad_step >= 0 else ""
+            raise ConfigError(_diverged(trainer, pl_module, f"the training loss is not finite{at}"))
+        bad = next(
+            (name for name, p in pl_module.named_parameters() if p.requires_grad and not p.isfinite().all()),
+            None,
+        )
+        if bad is not None:
+            raise ConfigError(_diverged(trainer, pl_module, f"the weights {bad} are not finite"))
+
+
+def _diverged(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> str:
+    """The message of a diverged run: what is not finite, when, and the settings that make it so."""
+    optimizer = dict(getattr(pl_module, "hparams", {}).get("optimizer") or {})
+    lr, decay = optimizer.get("lr"), optimizer.get("weight_decay")
+    precision = str(trainer.precision)
+    suspects = []
+    if precision.startswith("16") or precision.startswith("bf16-true"):
+        cpu = " on the CPU" if trainer.strategy.root_device.type == "cpu" else ""
+        suspects.append(f"trainer.precision={precision}{cpu} (use 32-true, or 16-mixed on a GPU)")
+    if decay is not None and not _finite_number(decay):
+        suspects.insert(0, f"model.optimizer.weight_decay={decay} (e.g. 1e-4)")
+    if lr is not None and not _finite_number(lr):
+        suspects.insert(0, f"model.optimizer.lr={lr} (e.g. 1e-3)")
+    if not suspects:
+        suspects = [
+            f"a lower learning rate model.optimizer.lr (now {lr})",
+            f"model.optimizer.weight_decay (now {decay})",
+            f"trainer.precision (now {precision})",
+        ]
+    return (
+        f"training diverged at epoch {trainer.current_epoch}: {what}, so no checkpoint of these "
+        f"weights is kept as best; check {', or '.join(suspects)}"
+    )
+
+
+def _finite_number(value: Any) -> bool:
+    try:
+        return bool(torch.isfinite(torch.tensor(float(value))))
+    except (TypeError, ValueError):
+        return False
 
 
 class MetricsHistory(L.Callback):

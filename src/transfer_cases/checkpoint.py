@@ -33,7 +33,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     what = _not_a_checkpoint(obj, path)
     if what:
         raise ConfigError(f"{path} is {what}")
+    bad = non_finite_weights(obj["state_dict"])
+    if bad:
+        raise ConfigError(
+            f"checkpoint {path} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. "
+            f"{bad[0]}): its run diverged, and its predictions would be NaN. Use a checkpoint written "
+            "before the divergence, or train again with a lower model.optimizer.lr (or "
+            "trainer.precision=32-true)"
+        )
     return obj
+
+
+def non_finite_weights(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of `state` that hold a NaN or an infinity."""
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())
+    ]
 
 
 def _unreadable(path: Path, error: Exception) -> str:
