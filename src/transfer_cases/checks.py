@@ -261,7 +261,7 @@ def augment(value: Any, key: str) -> Any:
     if not all(isinstance(item, DictConfig | dict) and "_target_" in item for item in items):
         raise ConfigError(
             f"{key}={value!r} is not a list of transforms (mappings with a _target_); e.g. {key}=[] for "
-            f"none, or {key}='[{{_target_: torchvision.transforms.v2.RandomHorizontalFlip}}]'"
+            f"none, or {key}='[" + "{_target_: torchvision.transforms.v2.RandomHorizontalFlip}]'"
         )
     return value
 
