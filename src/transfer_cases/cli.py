@@ -110,7 +110,8 @@ def print_config(cfg: DictConfig) -> None:
 
 @rank_zero_only
 def print_metrics(result: dict[str, Any]) -> None:
-    table = Table(title="final metrics")
+    # val/* and test/* are the best checkpoint's (what is deployed); train/* the last epoch's.
+    table = Table(title="metrics: val/test of the best checkpoint, train of the last epoch")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in sorted(result["metrics"].items()):
