@@ -86,8 +86,10 @@ def _main(cfg: DictConfig) -> float | None:
                 raise
             raise error from None
         # One failed job must not end the sweep: the others run, and the report names this one.
+        # None, not NaN: Optuna refuses a NaN objective, and its sweeper then crashes telling the
+        # trial as failed with that value; None is told as a failed trial, and the search goes on.
         log.exception("job failed: %s", HydraConfig.get().job.override_dirname)
-        return float("nan")
+        return None
     write_summary(cfg, "ok", result)
     print_metrics(result)
     return result["metrics"].get(cfg.get("optimized_metric"))
