@@ -141,8 +141,11 @@ class NonFiniteGuard(L.Callback):
             return
         bad = ~torch.isfinite(loss.detach()).all()
         self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
-        if loss.device.type == "cpu" and bool(bad):
-            self._bad_step = trainer.global_step  # on the CPU the check is free: stop at once
+        # On one CPU process the check is free: stop at once. Under DDP every rank must stop at the
+        # same point (a rank that left would leave the others waiting in a collective), so the flag
+        # waits for the next check, which all ranks reach.
+        if loss.device.type == "cpu" and trainer.world_size == 1 and bool(bad):
+            self._bad_step = trainer.global_step
             self._check(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -166,15 +169,17 @@ class NonFiniteGuard(L.Callback):
             self._check(trainer, pl_module)
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._bad_loss is not None and bool(self._bad_loss):
+        bad_loss = self._bad_loss is not None and bool(self._bad_loss)
+        if trainer.strategy.reduce_boolean_decision(bad_loss, all=False):  # any rank's loss
             at = f" (step {self._bad_step})" if self._bad_step >= 0 else ""
             raise ConfigError(_diverged(trainer, pl_module, f"the training loss is not finite{at}"))
         bad = next(
             (name for name, p in pl_module.named_parameters() if p.requires_grad and not p.isfinite().all()),
             None,
         )
-        if bad is not None:
-            raise ConfigError(_diverged(trainer, pl_module, f"the weights {bad} are not finite"))
+        if trainer.strategy.reduce_boolean_decision(bad is not None, all=False):  # sharded weights too
+            what = f"the weights {bad}" if bad else "weights (on another process)"
+            raise ConfigError(_diverged(trainer, pl_module, f"{what} are not finite"))
 
 
 def _diverged(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> str:
