@@ -173,10 +173,13 @@ class NonFiniteGuard(L.Callback):
         if trainer.strategy.reduce_boolean_decision(bad_loss, all=False):  # any rank's loss
             at = f" (step {self._bad_step})" if self._bad_step >= 0 else ""
             raise ConfigError(_diverged(trainer, pl_module, f"the training loss is not finite{at}"))
-        bad = next(
-            (name for name, p in pl_module.named_parameters() if p.requires_grad and not p.isfinite().all()),
-            None,
-        )
+        trained = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        bad = None
+        if trained:  # one host sync for all of them, then the name of the first bad one
+            device = trained[0][1].device
+            flags = torch.stack([p.detach().isfinite().all().to(device) for _, p in trained])
+            if not bool(flags.all()):
+                bad = trained[int((~flags).nonzero()[0])][0]
         if trainer.strategy.reduce_boolean_decision(bad is not None, all=False):  # sharded weights too
             what = f"the weights {bad}" if bad else "weights (on another process)"
             raise ConfigError(_diverged(trainer, pl_module, f"{what} are not finite"))
