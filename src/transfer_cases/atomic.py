@@ -8,9 +8,11 @@ flushed to disk, then renamed over the target with `os.replace` (atomic on POSIX
 from __future__ import annotations
 
 import errno
+import io
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,32 +26,105 @@ from transfer_cases.errors import OutputError, TransferCasesError
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
-def atomic_write(
-    path: str | Path, write: Callable[[IO[bytes]], None], *, what: str, space_hint: str = ""
-) -> None:
-    """Call `write(file)` on a temporary file next to `path`, then rename it to `path`.
+@contextmanager
+def atomic_file(
+    path: str | Path, *, what: str, space_hint: str = "", setting: str = "paths.output_dir"
+) -> Iterator[IO[bytes]]:
+    """A temporary file next to `path` to write in, renamed to `path` when the block ends.
 
     On any failure the temporary file is removed and `path` is left as it was; an `OSError` such
-    as a full disk becomes one `OutputError` naming the file, the reason and what to do
-    (`space_hint` when the disk is full).
+    as a full disk becomes one `OutputError` naming the file, the reason and what to do: free space
+    (`space_hint`) or write elsewhere with `setting` (`--out`, `paths.cache_dir`, ...).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temp(path)
     except OSError as e:
-        raise output_error(e, path, what, space_hint) from None
+        raise output_error(e, path, what, space_hint, setting) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and not isinstance(e, TransferCasesError):
-            raise output_error(e, path, what, space_hint) from None
+            raise output_error(e, path, what, space_hint, setting) from None
         raise
+
+
+def atomic_write(
+    path: str | Path,
+    write: Callable[[IO[bytes]], None],
+    *,
+    what: str,
+    space_hint: str = "",
+    setting: str = "paths.output_dir",
+) -> None:
+    """Call `write(file)` on a temporary file next to `path`, then rename it to `path` (see `atomic_file`)."""
+    with atomic_file(path, what=what, space_hint=space_hint, setting=setting) as f:
+        write(f)
+
+
+@contextmanager
+def atomic_text(path: str | Path, *, what: str, setting: str = "paths.output_dir") -> Iterator[IO[str]]:
+    """`atomic_file` as UTF-8 text (newlines as written, as the csv module wants). A file or class
+    name that is not valid UTF-8 reaches Python as a str with surrogate escapes (PEP 383); with
+    `errors="surrogateescape"` it is written back as its original bytes instead of raising halfway
+    through the file."""
+    with atomic_file(path, what=what, setting=setting) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        try:
+            yield text
+            text.flush()
+        finally:
+            text.detach()
+
+
+@contextmanager
+def atomic_pieces(path: str | Path, *, what: str, setting: str) -> Iterator[Callable[[str], None]]:
+    """Yields `commit(text)`, which appends a whole piece (a batch of CSV rows) to a temporary file
+    next to `path`; the file is renamed to `path` when the block ends, and also when it is interrupted
+    or the disk fills, cut back to the last whole piece: `path` never holds a row cut mid-line, and
+    what was finished is kept. Text is UTF-8 with surrogate escapes written as their original bytes
+    (see `atomic_text`)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
+    except OSError as e:
+        raise output_error(e, path, what, setting=setting) from None
+    done = 0
+
+    def commit(text: str) -> None:
+        nonlocal done
+        data = text.encode("utf-8", "surrogateescape")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        done += len(data)
+
+    try:
+        yield commit
+        os.fsync(fd)
+    except BaseException as e:
+        try:
+            os.ftruncate(fd, done)
+            os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, TransferCasesError):
+            raise output_error(e, path, what, setting=setting) from None
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise output_error(e, path, what, setting=setting) from None
 
 
 def _create_temp(path: Path) -> tuple[int, str]:
@@ -70,21 +145,31 @@ def _create_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
-def atomic_write_text(path: str | Path, text: str, *, what: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()), what=what)
+def atomic_write_text(path: str | Path, text: str, *, what: str, setting: str = "paths.output_dir") -> None:
+    with atomic_text(path, what=what, setting=setting) as f:
+        f.write(text)
 
 
-def output_error(error: OSError, path: str | Path, what: str, space_hint: str = "") -> OutputError:
-    """One readable message for a failed write: the file, the reason, and what to do."""
+def output_error(
+    error: OSError, path: str | Path, what: str, space_hint: str = "", setting: str = "paths.output_dir"
+) -> OutputError:
+    """One readable message for a failed write: the file, the reason, and what to do, naming the
+    `setting` that moves this output (`--out` only for commands that have it)."""
     reason = {
         errno.ENOSPC: "no space left on device",
         errno.EDQUOT: "disk quota exceeded",
         errno.EROFS: "read-only file system",
     }.get(error.errno or 0, (error.strerror or str(error)).lower())
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = space_hint or "free some space, or write elsewhere: paths.output_dir=/path/on/another/disk"
+    if setting.startswith("--"):
+        elsewhere = f"pass {setting} with a location you can write"
+    elif setting == "paths.output_dir":
+        elsewhere = f"{setting}=/path/to/folder (or hydra.run.dir=...)"
     else:
-        hint = "choose a writable folder: paths.output_dir=/path/to/folder (or hydra.run.dir=...)"
+        elsewhere = f"{setting}=/path/to/folder"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = space_hint or f"free some space, or write elsewhere: {elsewhere}"
+    else:
+        hint = f"choose a writable location: {elsewhere}"
     return OutputError(f"cannot write the {what} {path}: {reason}; {hint}")
 
 

@@ -3,6 +3,8 @@ and a valid example, instead of a traceback minutes later (or a run that never e
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
 import sys
@@ -12,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transfer_cases.errors import ConfigError, OutputError, TransferCasesError
+from transfer_cases.paths import config_dir
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -161,7 +166,9 @@ def boolean(value: Any, key: str) -> bool:
 
 
 def check_settings(cfg: DictConfig, rules: Mapping[str, Rule]) -> None:
-    """Apply each rule to its setting, and write back the values the rules normalise."""
+    """Every key known to its target, then each rule applied to its setting, and the values the rules
+    normalise written back."""
+    check_known_keys(cfg)
     for key, rule in rules.items():
         parent_key, _, name = key.rpartition(".")
         parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
@@ -171,6 +178,8 @@ def check_settings(cfg: DictConfig, rules: Mapping[str, Rule]) -> None:
         checked = rule(value, key)
         if type(checked) is not type(value) or checked != value:
             parent[name] = checked
+    check_image_size(cfg)
+    check_checkpoint_mode(cfg)
 
 
 def whole(low: int = 1, high: int | None = None, *, example: int, optional: bool = False) -> Rule:
@@ -278,6 +287,15 @@ def fast_dev_run(value: Any, key: str) -> Any:
     return boolean(value, key)
 
 
+def project_path(value: Any, key: str) -> Any:
+    """A relative path is resolved against the project root (the folder holding configs/), not the
+    current folder: the same command finds the same data wherever it is started."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return value if path.is_absolute() else str((config_dir().parent / path).resolve())
+
+
 # The metrics TransferModule logs once per epoch (module.py, `_log_epoch`): what a checkpoint can monitor.
 EPOCH_METRICS = ("val/acc", "val/f1", "val/loss", "train/acc", "train/loss_epoch")
 SEED = whole(0, 2**32 - 1, example=42)  # numpy's seed range
@@ -289,6 +307,7 @@ TRAIN_SETTINGS: dict[str, Rule] = {
     "optimized_metric": one_of(*EPOCH_METRICS),
     "callbacks.model_checkpoint.monitor": one_of(*EPOCH_METRICS),
     "cache.enabled": boolean,
+    "cache.stamp": one_of("mtime", "content"),
     "data.check_images": boolean,
     "data.augment": augment,
     "backbone.image_size": whole(1, example=224, optional=True),
@@ -315,7 +334,134 @@ TRAIN_SETTINGS: dict[str, Rule] = {
     "trainer.barebones": boolean,
     "callbacks.last_checkpoint.min_interval_s": number(0, example=10),
     "callbacks.freeze_guard.check_interval_s": number(0, example=10),
+    "paths.data_dir": project_path,
+    "data.download": boolean,
 }
+
+
+# --- keys a target does not take: "did you mean ...?" ------------------------------------------------
+# The groups instantiated with every key of their node as a keyword argument (the backbone's node is
+# read by the backbone factory, the case's by cases.py: not checked here).
+TARGET_GROUPS = ("trainer", "model", "data", "cache", "advisor", "callbacks", "logger")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """A key the node's `_target_` does not take (`+trainer.max_epoch=3`) is one line naming the
+    closest it does take, before any work: instantiated, it was a TypeError traceback (or, under a
+    target taking `**kwargs`, silently ignored)."""
+    for group in TARGET_GROUPS:
+        node = cfg.get(group) if isinstance(cfg, DictConfig) else None
+        if isinstance(node, DictConfig):
+            _check_node_keys(node, group)
+
+
+def _check_node_keys(node: DictConfig, key: str) -> None:
+    if "_target_" in node:
+        accepted = _accepted_keywords(node._get_node("_target_")._value())
+        if accepted is not None:
+            for name in map(str, node):
+                if not (name.startswith("_") and name.endswith("_")) and name not in accepted:
+                    raise ConfigError(_unknown_key_message(f"{key}.{name}", name, accepted, node))
+    for name in node:
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _check_node_keys(child, f"{key}.{name}")
+
+
+def _unknown_key_message(key: str, name: str, accepted: set[str], node: DictConfig) -> str:
+    parent = key.rpartition(".")[0]
+    close = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.6)
+    if close:
+        return f"unknown setting {key}; did you mean {parent}.{close[0]}?"
+    target = node._get_node("_target_")._value()
+    return f"unknown setting {key}: {target} takes no '{name}'; check the spelling or remove it"
+
+
+def _accepted_keywords(target: Any) -> set[str] | None:
+    """The keyword arguments `target` takes, following `**kwargs` up a class's bases; None when
+    unknown (not importable, or `**kwargs` that go nowhere we can see)."""
+    try:
+        obj = get_object(str(target))
+    except Exception:
+        return None  # a missing package is named when the group is instantiated
+    if isinstance(obj, type):
+        functions = [k.__dict__["__init__"] for k in obj.__mro__ if "__init__" in k.__dict__]
+    else:
+        functions = [obj]
+    accepted: set[str] = set()
+    for function in functions:
+        if function is object.__init__:
+            return None
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        kinds = {p.kind for p in parameters}
+        accepted |= {
+            p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"
+        }
+        if inspect.Parameter.VAR_KEYWORD not in kinds:
+            return accepted
+    return None
+
+
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(cfg: DictConfig) -> None:
+    """`data.image_size` up to MAX_IMAGE_SIZE: 100000 px asked for terabytes per batch and was killed
+    by the kernel (no message) after a long wait."""
+    data = cfg.get("data")
+    size = data.get("image_size") if isinstance(data, DictConfig) else None
+    if size is None or isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        return  # null keeps the weights' size; other types: the data module's own message
+    if size > MAX_IMAGE_SIZE:
+        batch = data.get("batch_size")
+        batch = batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else 1
+        need = batch * 3 * size * size * 4  # one float32 input batch, before any activation
+        raise ConfigError(
+            f"data.image_size={size} is larger than {MAX_IMAGE_SIZE}: one batch of {batch} images "
+            f"({batch} x 3 x {size} x {size} float32) would need {_bytes(need)} of memory for its input "
+            f"alone; e.g. data.image_size=224 (or null: the weights' own size)"
+        )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def check_checkpoint_mode(cfg: DictConfig) -> None:
+    """The best checkpoint's `mode` follows its metric: min for a loss, max otherwise. With
+    `optimized_metric=val/loss` under `mode: max` the "best" checkpoint was the worst epoch. A mode
+    the user wrote on the command line against the metric is refused rather than overridden."""
+    checkpoint = OmegaConf.select(cfg, "callbacks.model_checkpoint")
+    if not isinstance(checkpoint, DictConfig) or not isinstance(checkpoint.get("monitor"), str):
+        return
+    monitor = checkpoint.monitor
+    wanted = "min" if "loss" in monitor.rpartition("/")[2] else "max"
+    mode = checkpoint.get("mode", "min")  # ModelCheckpoint's default
+    if mode == wanted:
+        return
+    if _overridden("callbacks.model_checkpoint.mode"):
+        worst = "highest" if wanted == "min" else "lowest"
+        raise ConfigError(
+            f"callbacks.model_checkpoint.mode={mode} keeps the epoch with the {worst} {monitor}, the worst "
+            f"one; e.g. callbacks.model_checkpoint.mode={wanted} (or leave it out: it follows the metric)"
+        )
+    checkpoint.mode = wanted
+
+
+def _overridden(key: str) -> bool:
+    """Whether `key` was given on the command line (False outside a Hydra run)."""
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return False
+    return any(o.lstrip("+~").partition("=")[0] == key for o in overrides)
 
 
 def check_accelerator(trainer: DictConfig) -> None:

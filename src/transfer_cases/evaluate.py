@@ -26,6 +26,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from transfer_cases.atomic import atomic_text, atomic_write, atomic_write_text
 from transfer_cases.checkpoint import load_module
 from transfer_cases.checks import check_eval_config
 from transfer_cases.cli import friendly_errors
@@ -80,21 +81,32 @@ def score(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> 
 def write_reports(
     rows: list[dict[str, Any]], probs: torch.Tensor, labels: torch.Tensor, names: list[str], out: Path
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Each file atomically (see transfer_cases.atomic): whole or absent, class names of any bytes."""
     fields = ["class", "precision", "recall", "f1", "support"]
-    with open(out / "metrics.csv", "w", newline="") as f:
+    with atomic_text(out / "metrics.csv", what="metrics CSV") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in fields) + " |" for r in rows]
-    (out / "metrics.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "metrics.md", "\n".join(lines) + "\n", what="metrics table")
     matrix = MulticlassConfusionMatrix(len(names))
     matrix.update(probs, labels)
-    fig, _ = matrix.plot(labels=names)
+    fig, _ = matrix.plot(labels=[_printable(n) for n in names])
     fig.set_size_inches(max(4, 0.6 * len(names) + 2), max(4, 0.6 * len(names) + 2))
-    fig.savefig(out / "confusion_matrix.png", dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(
+            out / "confusion_matrix.png",
+            lambda f: fig.savefig(f, dpi=120, format="png"),
+            what="confusion matrix",
+        )
+    finally:
+        plt.close(fig)
+
+
+def _printable(name: str) -> str:
+    """A class name for a figure: bytes that are not UTF-8 (surrogate escapes) as \\x.. escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _fmt(value: Any) -> str:

@@ -1,22 +1,24 @@
 """`transfer-predict CKPT IMAGES [--out predictions.csv]`: classify a folder of images into a CSV.
 
-Nothing finished is lost: the output location is checked before any work, rows are written (and
-flushed) batch by batch, and an unreadable image gets a row with its `error` instead of ending the
-run; every bad file is named at the end.
+Nothing finished is lost: the output location is checked before any work, rows are written batch
+by batch (an interruption or a full disk keeps the whole batches finished, never a row cut mid-line),
+and an unreadable image gets a row with its `error` instead of ending the run; every bad file is named
+at the end. File names that are not valid UTF-8 are written as their original bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
 
 import torch
 from tqdm import tqdm
 
+from transfer_cases.atomic import atomic_pieces
 from transfer_cases.checkpoint import load_module
 from transfer_cases.checks import check_writable_dir
 from transfer_cases.cli import friendly_errors
@@ -104,17 +106,35 @@ def check_output(out: Path | None) -> None:
     check_writable_dir(out.parent, "--out folder")
 
 
-def write_predictions(rows_by_batch: Iterator[list[dict[str, object]]], out: IO[str]) -> list[str]:
-    """Write rows as they come (flushed per batch, so an interruption keeps what was finished);
-    returns the files that could not be read, with the reason."""
-    writer = csv.DictWriter(out, fieldnames=FIELDS)
-    writer.writeheader()
+def write_predictions(
+    rows_by_batch: Iterator[list[dict[str, object]]], commit: Callable[[str], None]
+) -> list[str]:
+    """Write rows as they come, each batch as one piece (`commit`), so an interruption keeps the
+    whole batches finished; returns the files that could not be read, with the reason."""
     failed: list[str] = []
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
+    writer.writeheader()
     for rows in rows_by_batch:
         writer.writerows(rows)
-        out.flush()
+        commit(buffer.getvalue())
+        buffer.seek(0)
+        buffer.truncate()
         failed += [f"{r['file']}: {r['error']}" for r in rows if r["error"]]
+    if buffer.getvalue():
+        commit(buffer.getvalue())  # the header of an empty run
     return failed
+
+
+def _stdout_commit(text: str) -> None:
+    """A batch to standard output, with surrogate-escaped names as their original bytes."""
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is None:  # a text-only stream (a notebook's): the bytes that are not UTF-8 escaped
+        sys.stdout.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+        return
+    sys.stdout.flush()
+    binary.write(text.encode("utf-8", "surrogateescape"))
+    binary.flush()
 
 
 @friendly_errors
@@ -128,15 +148,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_batch_size(args.batch_size)
     check_output(args.out)
     module, images = load_module(args.ckpt), list_images(args.images)
-    try:
-        out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
-    except OSError as e:
-        raise OutputError(f"cannot write --out {args.out}: {(e.strerror or str(e)).lower()}") from None
-    try:
-        failed = write_predictions(iter_predictions(module, images, args.batch_size), out)
-    finally:
-        if args.out:
-            out.close()
+    predictions = iter_predictions(module, images, args.batch_size)
+    if args.out:
+        with atomic_pieces(args.out, what="predictions CSV", setting="--out") as commit:
+            failed = write_predictions(predictions, commit)
+    else:
+        failed = write_predictions(predictions, _stdout_commit)
     if args.out:
         print(f"wrote {len(images)} rows to {args.out}", file=sys.stderr)
     if failed:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from rich import box
 from rich.table import Table
 
+from transfer_cases.atomic import atomic_text, atomic_write, atomic_write_text
 from transfer_cases.cli import console, friendly_errors
 from transfer_cases.errors import DataError
 from transfer_cases.summary import read_summary
@@ -179,22 +180,25 @@ def _add_labels(rows: list[dict[str, Any]]) -> None:
 
 
 def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, report.csv, report.png and learning_curves.png; returns them by kind."""
+    """Write report.md, report.csv, report.png and learning_curves.png; returns them by kind.
+
+    Each atomically (whole or absent; a full disk or read-only folder is one message naming --out),
+    names of any bytes kept (see transfer_cases.atomic)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "markdown": out / "report.md",
         "csv": out / "report.csv",
         "chart": out / "report.png",
         "curves": out / "learning_curves.png",
     }
-    paths["markdown"].write_text(_markdown(rows))
-    with open(paths["csv"], "w", newline="") as f:
+    atomic_write_text(paths["markdown"], _markdown(rows), what="report", setting="--out")
+    with atomic_text(paths["csv"], what="report CSV", setting="--out") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     for key, figure in (("chart", results_figure(rows)), ("curves", curves_figure(rows))):
-        figure.savefig(paths[key], dpi=DPI)
+        save = lambda f, fig=figure: fig.savefig(f, dpi=DPI, format="png")  # noqa: E731
+        atomic_write(paths[key], save, what="report chart", setting="--out")
     return paths
 
 

@@ -118,9 +118,9 @@ def write_advice(
     timings: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
     """Write `advice.png`, then `advice.json` (the advice, its command, the timings); returns their
-    paths. Both atomically: a reader (another DDP rank) sees a whole file or none."""
+    paths. Both atomically: a reader (another DDP rank) sees a whole file or none, and a folder that
+    cannot be created or written is one message (the writer creates it)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / ADVICE_JSON, "chart": out / ADVICE_PNG}
     record: dict[str, Any] = {
         **advice.to_dict(),

@@ -1,4 +1,5 @@
-"""MNIST from the four standard idx files (gzipped or not), read with numpy: no torchvision download."""
+"""MNIST from the four standard idx files (gzipped or not), read with numpy; `download=True`
+fetches the official gzipped files (torchvision's mirrors and MD5s) when they are missing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from transfer_cases.data.datamodule import ClassificationDataModule
+from transfer_cases.data.download import Resource, fetch
 from transfer_cases.data.sources import ImageSource, digest, file_stamp
 from transfer_cases.data.splits import Splits
 from transfer_cases.errors import DataError
@@ -21,6 +23,20 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+
+# torchvision.datasets.MNIST's mirrors and MD5s of the gzipped files.
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+RESOURCES = [Resource(tuple(m + name for m in MIRRORS), name, md5) for name, md5 in MD5.items()]
+_SOURCE = (
+    f"the official files are at {MIRRORS[0]} (torchvision's mirror): pass data.download=true to fetch "
+    "them there, or set data.root=/path/to/mnist"
+)
 
 
 class ArraySource(ImageSource):
@@ -48,8 +64,9 @@ class ArraySource(ImageSource):
 
 def find_idx_files(root: Path) -> dict[str, Path]:
     """Path of each idx file under `root` (or torchvision's `root/MNIST/raw`), plain or `.gz`."""
+    expected = ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
     if not root.is_dir():
-        raise DataError(f"MNIST folder not found: {root}; set data.root=/path/to/mnist")
+        raise DataError(f"MNIST folder not found: {root}; it must hold {expected}; {_SOURCE}")
     found, missing = {}, []
     for key, stem in IDX_FILES.items():
         candidates = [d / name for d in (root, root / "MNIST" / "raw") for name in (stem, f"{stem}.gz")]
@@ -59,10 +76,8 @@ def find_idx_files(root: Path) -> dict[str, Path]:
         else:
             found[key] = path
     if missing:
-        expected = ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
         raise DataError(
-            f"MNIST files missing in {root}: {', '.join(missing)}; the folder must hold {expected} "
-            "(set data.root=/path/to/mnist)"
+            f"MNIST files missing in {root}: {', '.join(missing)}; the folder must hold {expected}; {_SOURCE}"
         )
     return found
 
@@ -97,14 +112,21 @@ def _array_source(images_path: Path, labels_path: Path) -> ArraySource:
 
 class MNISTDataModule(ClassificationDataModule):
     """Handwritten digits, classes "0".."9": val is a seeded `val_fraction` (default 0.1) of train,
-    test is t10k. The arrays are read at setup; `__init__` only checks that the files are there."""
+    test is t10k. The arrays are read at setup; `__init__` only checks that the files are there
+    (with `download`, fetching the missing ones into `root` first)."""
 
     default_val_fraction = 0.1
 
-    def __init__(self, root: str | Path, **kwargs: Any) -> None:
+    def __init__(self, root: str | Path, download: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = Path(root).expanduser()
-        self._files = find_idx_files(self.root)
+        try:
+            self._files = find_idx_files(self.root)
+        except DataError:
+            if not download:
+                raise
+            fetch(RESOURCES, self.root, name="MNIST")
+            self._files = find_idx_files(self.root)
         self.classes = [str(digit) for digit in range(10)]
 
     def _load_splits(self) -> Splits:

@@ -12,7 +12,8 @@ import contextlib
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
 
@@ -118,10 +119,32 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def file_stamp(path: Path) -> tuple[str, int, int]:
-    """(path, size, mtime_ns): what changes when a file is replaced or touched, from one `stat`."""
+# How `file_stamp` identifies a file's content: "mtime" (path, size, modification time: one `stat`)
+# or "content" (path, size, SHA-256 of every byte: a file swapped with its mtime restored, as
+# `cp -p`, `rsync -a` and `tar` do, is seen). Set for a block with `stamping`.
+STAMPS = ("mtime", "content")
+_stamp: ContextVar[str] = ContextVar("stamp", default="mtime")
+
+
+@contextlib.contextmanager
+def stamping(mode: str) -> Iterator[None]:
+    """Fingerprints computed in the block stamp files by `mode` (see STAMPS)."""
+    if mode not in STAMPS:
+        raise ValueError(f"stamp mode {mode!r} is not one of {STAMPS}")
+    token = _stamp.set(mode)
+    try:
+        yield
+    finally:
+        _stamp.reset(token)
+
+
+def file_stamp(path: Path) -> tuple[str, int, int | str]:
+    """(path, size, mtime_ns) from one `stat`, or (path, size, content hash) under `stamping("content")`."""
     try:
         st = os.stat(path)
+        if _stamp.get() == "content":
+            with open(path, "rb") as f:
+                return str(path), st.st_size, "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as err:
         raise DataError(f"cannot read {path} ({err}); was it moved or deleted after listing?") from err
     return str(path), st.st_size, st.st_mtime_ns

@@ -2,8 +2,9 @@
 
 The cache key holds everything that changes the features: the body's structure and every weight and
 buffer (so the architecture, the cut and the weights file), the data (file paths, sizes, modification
-times and the chosen subset), the transform (preprocessing, image size, augmentation settings), the
-augmented view and its seed, and the numerics of the extraction pass.
+times or, with `stamp="content"`, content hashes, and the chosen subset), the transform
+(preprocessing, image size, augmentation settings), the augmented view and its seed, and the
+numerics of the extraction pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transfer_cases.data.sources import stamping
 from transfer_cases.data.splits import Stream
 from transfer_cases.digest import tensor_digest
 from transfer_cases.features.extract import Extraction, extract
@@ -48,19 +50,23 @@ def cached_features(
     view: int | None = None,
     seed: int = 0,
     label: str = "features",
+    stamp: str = "mtime",
 ) -> tuple[FeatureSet, bool, Path]:
     """`(features, hit, path)` of `dataset` (an image dataset with `fingerprint()` and `transform`).
 
     `view` None means the dataset's images as its transform gives them once; an integer is augmented
     view number `view`, whose random crops come from their own stream seeded by (`seed`, `view`), so a
-    view is the same file run after run.
+    view is the same file run after run. `stamp` is how the data's files are identified
+    (`data.sources.STAMPS`): "content" hashes every byte, "mtime" trusts size and modification time.
     """
+    with stamping(stamp):
+        data = dataset.fingerprint()
     parts = {
         "version": FEATURES_VERSION,
         "body": body_fingerprint(body),
         "extraction": numerics.name,
         "stored_dtype": str(STORED_DTYPE),
-        "data": dataset.fingerprint(),
+        "data": data,
         "transform": repr(dataset.transform),
         "view": view,
         "seed": None if view is None else seed,

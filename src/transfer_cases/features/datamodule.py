@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from transfer_cases.backbones.staged import StagedBody
+from transfer_cases.data.sources import STAMPS
 from transfer_cases.errors import ConfigError, DataError
 from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.cached import cached_features
@@ -50,6 +51,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         extraction: numerics of the train split's pass (`auto`, `fp32`, `bf16`, ...; `features.extract`).
         eval_extraction: numerics of the val and test splits' pass (the deployed model's: fp32).
         batch_size: images per extraction batch (training batches keep the data module's batch size).
+        stamp: how the cache key identifies image files (`data.sources.STAMPS`).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         extraction: str = "auto",
         batch_size: int = 64,
         eval_extraction: str = "fp32",
+        stamp: str = "mtime",
     ) -> None:
         super().__init__()
         if not body.fully_frozen:
@@ -72,6 +75,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.extraction = extraction
         self.eval_extraction = eval_extraction
         self.batch_size = batch_size
+        self.stamp = stamp
         self.train_dataset: FeatureRows | None = None
         self.val_dataset: FeatureRows | None = None
         self.test_dataset: FeatureRows | None = None
@@ -118,6 +122,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 view=view,
                 seed=self.images.seed,
                 label=f"extracting {label} features",
+                stamp=self.stamp,
             )
             self.report["files"][label] = {"path": path and str(path), "hit": hit}
             return fs
@@ -192,6 +197,8 @@ class FeatureCache:
         extraction: the training split's numerics: `auto` or a setting of `features.extract.EXTRACTIONS`.
         batch_size: images per extraction batch.
         eval_extraction: the val and test splits' numerics (fp32: what the deployed model runs).
+        stamp: how the cache key identifies image files: mtime (path, size, modification time) or
+            content (a hash of every byte: sees files swapped with their mtimes kept, reads them all).
     """
 
     def __init__(
@@ -202,6 +209,7 @@ class FeatureCache:
         extraction: str = "auto",
         batch_size: int = 64,
         eval_extraction: str = "fp32",
+        stamp: str = "mtime",
     ) -> None:
         if isinstance(train_views, bool) or not isinstance(train_views, int) or train_views < 0:
             raise ConfigError(
@@ -222,6 +230,9 @@ class FeatureCache:
         self.extraction = extraction
         self.eval_extraction = eval_extraction
         self.batch_size = batch_size
+        if stamp not in STAMPS:
+            raise ConfigError(f"cache.stamp={stamp!r} is not one of: mtime, content; e.g. cache.stamp=mtime")
+        self.stamp = stamp
 
     def applies_to(self, body: StagedBody) -> bool:
         return bool(self.enabled) and body.fully_frozen
@@ -231,5 +242,12 @@ class FeatureCache:
         if not self.applies_to(body):
             return images
         return CachedFeatureDataModule(
-            images, body, self.store, self.train_views, self.extraction, self.batch_size, self.eval_extraction
+            images,
+            body,
+            self.store,
+            self.train_views,
+            self.extraction,
+            self.batch_size,
+            self.eval_extraction,
+            self.stamp,
         )

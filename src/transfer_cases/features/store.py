@@ -92,8 +92,16 @@ class FeatureStore:
             lambda f: torch.save(payload, f),
             what="feature cache file",
             space_hint="free some space, or set paths.cache_dir to another disk (or cache.enabled=false)",
+            setting="paths.cache_dir",
         )
         return path
+
+    def _not_writable(self, verb: str, error: OSError) -> ConfigError:
+        reason = (error.strerror or str(error)).lower()
+        return ConfigError(
+            f"cannot {verb} the feature cache folder {self.root} ({reason}); set paths.cache_dir (or "
+            "cache.dir) to a folder you can write, or turn the cache off with cache.enabled=false"
+        )
 
     def get_or_build(
         self, parts: dict[str, Any], build: Callable[[], FeatureSet]
@@ -104,14 +112,16 @@ class FeatureStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(
-                f"cannot create the feature cache folder {self.root} ({e.strerror}); "
-                "set paths.cache_dir to a writable folder, or turn the cache off with cache.enabled=false"
-            ) from None
+            raise self._not_writable("create", e) from None
         fs = self.load(key)
         if fs is not None:
             return fs, True, self.path(key)
-        with FileLock(str(self.root / f".{key[:32]}.lock")):
+        lock = FileLock(str(self.root / f".{key[:32]}.lock"))
+        try:
+            lock.acquire()
+        except OSError as e:  # a folder that exists but cannot be written (a read-only share)
+            raise self._not_writable("write to", e) from None
+        try:
             fs = self.load(key)  # another process may have built it while this one waited
             if fs is not None:
                 return fs, True, self.path(key)
@@ -122,3 +132,5 @@ class FeatureStore:
                 # The cache only saves time: a run whose features cannot be stored trains on them in memory.
                 log.warning("%s; training on the features in memory, without caching them", e)
                 return fs, False, None
+        finally:
+            lock.release()
