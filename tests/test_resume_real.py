@@ -36,7 +36,8 @@ STOP = "+callbacks.stop._target_=tests.helpers.lightning.StopAt"
 def run(
     compose: Callable[..., DictConfig], tmp: Path, name: str, *extra: str, cache: str = "cache"
 ) -> dict[str, Any]:
-    """A run in folder `name` with feature cache `cache` (so no run reads another's features)."""
+    """A run in folder `name` with feature cache `cache` (relative to it): the resumed runs get their
+    own, so that what they compare is what they extracted themselves."""
     out = tmp / name
     return train(compose(*REAL, f"paths.output_dir={out}", f"paths.cache_dir={out}/{cache}", *extra))
 
@@ -51,7 +52,7 @@ def test_a_resumed_head_trains_on_the_pretrained_body_features(
     case = ("case=small_similar", "trainer.max_epochs=10")
     whole = run(compose_train, tmp_path, "whole", *case)
     with pytest.raises(Interrupted):
-        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5")
+        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5", cache="../whole/cache")
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     restored, _ = build(compose_train(*REAL, *case, f"ckpt_path={last}"))
     unrestored = TransferModule(**{**restored.hparams, "load_pretrained": False})  # before the restore
@@ -70,7 +71,7 @@ def test_lp_ft_resumed_in_its_warm_up_probes_the_pretrained_body(
     case = ("case=large_similar", "case.probe_epochs=10", "trainer.max_epochs=1")
     whole = run(compose_train, tmp_path, "whole", *case)
     with pytest.raises(Interrupted):
-        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5")
+        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5", cache="../whole/cache")
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["phase"] == "probe"
     resumed = run(compose_train, tmp_path, "cut", *case, f"ckpt_path={last}", cache="resumed_cache")
