@@ -4,6 +4,7 @@ size, outputs of any file name, data a user does not have yet, and a cache key b
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import hashlib
 import io
@@ -27,7 +28,9 @@ from tests.conftest import TINY, case_config
 from tests.helpers.cli import run_console_script
 from tests.helpers.lightning import save_checkpoint
 from tests.test_configs import cli_env
+from tests.test_report import ok_summary, write_job
 from tests.test_settings import one_line_error, train_cli
+from transfer_cases import atomic
 from transfer_cases.checks import TRAIN_SETTINGS, check_known_keys, check_settings
 from transfer_cases.data import CIFAR10DataModule, MNISTDataModule, cifar10, download, mnist
 from transfer_cases.data.sources import FileSource, SubsetDataset
@@ -38,6 +41,7 @@ from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureStore
 from transfer_cases.module import TransferModule
 from transfer_cases.paths import config_dir
+from transfer_cases.predict import main as predict_main
 
 ROOT = config_dir().parent
 TB = r"\d+\.\d TiB"
@@ -306,3 +310,65 @@ def test_content_stamp_sees_a_swapped_file(tmp_path: Path, stamp: str, rebuilt: 
     assert hit is not rebuilt
     assert torch.equal(after[0], after[1]) is rebuilt  # rebuilt: both rows are the blue image
     assert torch.equal(after, before) is not rebuilt
+
+
+# --- a full disk mid-CSV; a summary.json of another shape --------------------------------------------
+
+
+class _DiskFillsAfter:
+    """`os` for transfer_cases.atomic whose `write` fails with ENOSPC after `pieces` writes."""
+
+    def __init__(self, pieces: int) -> None:
+        self.left = pieces
+
+    def write(self, fd: int, data: bytes) -> int:
+        if self.left == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= 1
+        return os.write(fd, data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+
+def test_a_full_disk_mid_csv_keeps_whole_batches_and_names_out(
+    tmp_path: Path,
+    ckpt: Path,
+    image_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The last row was cut mid-line and the run ended in a traceback."""
+    monkeypatch.setattr(
+        atomic, "os", _DiskFillsAfter(pieces=1)
+    )  # the header with batch 1, then batch 2 fails
+    out = tmp_path / "p.csv"
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(ckpt), str(image_folder / "val"), "--out", str(out), "--batch-size", "2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: cannot write the predictions CSV {out}: no space left on device; free some space, or " in err
+    )
+    assert "pass --out with a location you can write" in err and "Traceback" not in err
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["class"] in ("a", "b") for r in rows)  # batch 1, whole
+    assert out.read_bytes().endswith(b"\r\n") and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_of_a_summary_whose_metrics_are_not_a_mapping(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    write_job(sweep, "0_a", "small_similar", ok_summary("small_similar", 0.8, 0.7, 0.8, 5.0, 10))
+    write_job(
+        sweep,
+        "1_b",
+        "small_different",
+        {**ok_summary("small_different", 0.7, 0.6, 0.7, 5.0, 10), "metrics": [1]},
+    )
+    exe = Path(sys.executable).with_name("transfer-report")
+    run = run_console_script([str(exe), str(sweep)], cwd=tmp_path, env=cli_env(), timeout=120)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "failed: 1_b: unreadable summary.json: metrics is not a mapping" in run.stdout
+    with open(sweep / "report.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok", "failed"]

@@ -89,6 +89,19 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
         summary = {"status": "failed", "error": "no summary.json: the job crashed hard or is still running"}
     elif not isinstance(summary, dict):
         summary = {"status": "failed", "error": "unreadable summary.json: not a JSON object"}
+    else:
+        # Fields read as mappings below: another shape (a hand edit, another tool) fails this row only.
+        odd = [
+            k
+            for k in ("metrics", "params")
+            if summary.get(k) is not None and not isinstance(summary[k], dict)
+        ]
+        if odd:
+            summary = {
+                **{k: v for k, v in summary.items() if k not in odd},
+                "status": "failed",
+                "error": f"unreadable summary.json: {', '.join(odd)} is not a mapping",
+            }
     if broken:
         summary = {**summary, "status": "failed", "error": "; ".join(broken)}
     case = cfg.get("case") or {}
