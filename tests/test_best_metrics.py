@@ -29,10 +29,10 @@ def test_reported_val_metrics_are_the_best_checkpoints_not_the_last_epochs(
 def test_logged_val_accuracy_is_what_transfer_eval_measures_on_the_best_checkpoint(
     compose_train: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    """Trained on bf16 features (the fast setting), validated on fp32 ones (the deployed numerics)."""
+    """Trained on bf16 features (the fast setting), validated on fp32 ones (the deployed arithmetic)."""
     result = train(compose_train(*REAL, "cache.extraction=bf16", "trainer.max_epochs=5"))
     assert result["feature_cache"]["extraction"] == "bf16"
-    assert result["metrics_source"]["val_test_inputs"] == "fp32 features of the frozen body"
+    assert result["metrics_source"]["val_test_inputs"] == "channels_last features of the frozen body"
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose(
             "eval",

@@ -9,8 +9,9 @@ classifies raw images. Which data a phase trains on is decided in one place, `re
 once the body holds the weights it continues with.
 
 Numerics: the training split is extracted in the fastest setting (`extraction`); val and test in
-`eval_extraction` (fp32 by default), the numerics `transfer-eval`, `transfer-predict` and the export
-run, so the logged val/acc and the best checkpoint's choice are those of the deployed model.
+`eval_extraction` (`channels_last` by default: fp32 arithmetic in the NHWC layout, the faster fp32 pass on
+CPUs), the numerics `transfer-eval`, `transfer-predict` and the export run up to float rounding, so the
+logged val/acc and the best checkpoint's choice are those of the deployed model.
 
 Augmentation: with `train_views=0` the head trains on the un-augmented view of each training image
 (one pass over the data, the cheapest). With `train_views=K`, K augmented views of each training
@@ -49,7 +50,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         store: where feature files live.
         train_views: 0 for the un-augmented view of each train image, K for K augmented views.
         extraction: numerics of the train split's pass (`auto`, `fp32`, `bf16`, ...; `features.extract`).
-        eval_extraction: numerics of the val and test splits' pass (the deployed model's: fp32).
+        eval_extraction: numerics of the val and test splits' pass (the deployed model's: fp32 arithmetic).
         batch_size: images per extraction batch (training batches keep the data module's batch size).
         stamp: how the cache key identifies image files (`data.sources.STAMPS`).
     """
@@ -62,7 +63,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         train_views: int = 0,
         extraction: str = "auto",
         batch_size: int = 64,
-        eval_extraction: str = "fp32",
+        eval_extraction: str = "channels_last",
         stamp: str = "mtime",
     ) -> None:
         super().__init__()
@@ -196,7 +197,7 @@ class FeatureCache:
         train_views: augmented views per training image (0: the un-augmented view only).
         extraction: the training split's numerics: `auto` or a setting of `features.extract.EXTRACTIONS`.
         batch_size: images per extraction batch.
-        eval_extraction: the val and test splits' numerics (fp32: what the deployed model runs).
+        eval_extraction: the val and test splits' numerics (fp32 arithmetic: what the deployed model runs).
         stamp: how the cache key identifies image files: mtime (path, size, modification time) or
             content (a hash of every byte: sees files swapped with their mtimes kept, reads them all).
     """
@@ -208,7 +209,7 @@ class FeatureCache:
         train_views: int = 0,
         extraction: str = "auto",
         batch_size: int = 64,
-        eval_extraction: str = "fp32",
+        eval_extraction: str = "channels_last",
         stamp: str = "mtime",
     ) -> None:
         if isinstance(train_views, bool) or not isinstance(train_views, int) or train_views < 0:
