@@ -338,6 +338,7 @@ def test_template_default_job_is_the_embedded_one() -> None:
     assert (cfg.case.name, cfg.backbone.arch) == ("small_similar", "mobilenet_v2")
 
 
+@pytest.mark.slow  # a full copier run through make; the fast suite keeps its time budget
 def test_make_new_answers_from_args_without_a_terminal(template: Path, tmp_path: Path) -> None:
     """`make new DEST=... ARGS="--defaults -d ..."` as a script or CI runs it: stdin is no terminal."""
     copier = Path(sys.prefix) / "bin" / "copier"

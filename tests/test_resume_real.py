@@ -69,14 +69,18 @@ def test_lp_ft_resumed_in_its_warm_up_probes_the_pretrained_body(
     compose_train: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
     case = ("case=large_similar", "case.probe_epochs=10", "trainer.max_epochs=1")
-    whole = run(compose_train, tmp_path, "whole", *case)
     with pytest.raises(Interrupted):
-        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5", cache="../whole/cache")
+        run(compose_train, tmp_path, "cut", *case, STOP, "+callbacks.stop.epoch=5")
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["phase"] == "probe"
     resumed = run(compose_train, tmp_path, "cut", *case, f"ckpt_path={last}", cache="resumed_cache")
-    probe, probe_whole = resumed["phases"]["probe"], whole["phases"]["probe"]
-    assert not probe["feature_cache"]["files"]["train"]["hit"]
-    assert torch.equal(train_features(probe["feature_cache"]), train_features(probe_whole["feature_cache"]))
-    assert probe_whole["val/acc"] > 0.7
-    assert abs(probe["val/acc"] - probe_whole["val/acc"]) <= 0.03
+    probe = resumed["phases"]["probe"]
+    path = Path(probe["feature_cache"]["files"]["train"]["path"])
+    assert path.parent.parent.name == "resumed_cache"  # extracted by the resumed run itself
+    # The interrupted run probed the pretrained body: the resumed run's file has the same key (the
+    # body's fingerprint is part of it) and the same features.
+    before = tmp_path / "cut" / "cache" / "features" / path.name
+    assert torch.equal(
+        train_features(probe["feature_cache"]), torch.load(before, weights_only=True)["features"]
+    )
+    assert probe["val/acc"] > 0.7  # the pretrained body's features (a random body's probe: about 0.5)
