@@ -121,6 +121,7 @@ def test_imagefolder_without_a_root_names_data_root(tmp_path: Path, command: str
     run = cli(
         command,
         "data=imagefolder",
+        "data.root=???",  # as configs/data/imagefolder.yaml has it (a generated project fills in its own)
         *TINY_OVERRIDES,
         "trainer.max_epochs=1",
         f"hydra.run.dir={tmp_path / 'run'}",
