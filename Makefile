@@ -32,12 +32,12 @@ test-all: $(STAMP)  ## fast and slow tests
 	$(PYTEST) -m "slow or not slow" $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench studies
+	$(BIN)/ruff format --check src tests bench studies
 
 format: $(STAMP)  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench studies
+	$(BIN)/ruff format src tests bench studies
 
 weights: $(STAMP)  ## rebuild the embedded MobileNetV2 from the TF-Lite file in ../shared/data
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[convert]"
@@ -53,7 +53,7 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 	$(BIN)/transfer-report outputs/matrix --out notebooks/results
 
 matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto, LP-FT); ~1.5 h, resumable
-	$(BIN)/python -m transfer_cases.tools.matrix_real $(ARGS)
+	$(BIN)/python -m studies.matrix_real $(ARGS)
 
 # `jupyter execute` (nbclient, in the dev extras) starts the kernel in notebooks/; the notebook puts a
 # relative OUTPUT_DIR under the project root, so logs, figures and results.json land in outputs/notebook/

@@ -37,11 +37,11 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 
 from transfer_cases import build, config_dir
-from transfer_cases.cli import instantiate_list
-from transfer_cases.config import instantiate_clean
+from transfer_cases.commands.cli import instantiate_list
+from transfer_cases.commands.train import train
 from transfer_cases.features import EXTRACTIONS, extract, resolve_extraction
-from transfer_cases.recipe import phase_data
-from transfer_cases.train import train
+from transfer_cases.training.recipe import phase_data
+from transfer_cases.utils.config import instantiate_clean
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -96,7 +96,7 @@ def startup_seconds(repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import transfer_cases.train"], check=True)
+        subprocess.run([sys.executable, "-c", "import transfer_cases.commands.train"], check=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -407,7 +407,7 @@ def markdown(r: dict[str, Any]) -> str:
     fwd = r["forward"]
     unc = h["uncached"]
     rows = [
-        f"| start-up: process + imports | {r['startup_s']:.1f} s | | `python -c 'import transfer_cases.train'` |",
+        f"| start-up: process + imports | {r['startup_s']:.1f} s | | `python -c 'import transfer_cases.commands.train'` |",
         *(
             f"| one forward pass of the frozen body, 398 images, `{name}` | {v['with_loading_s']:.1f} s "
             f"({v['model_only_s']:.1f} s model only) | {fwd['fp32']['with_loading_s'] / v['with_loading_s']:.2f}× fp32 | "

@@ -14,9 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cases.advise import Advice, StageScores, auto, decide, read_advice, write_advice
-from transfer_cases.cases import Case
-from transfer_cases.errors import ConfigError
-from transfer_cases.train import train
+from transfer_cases.commands.train import train
+from transfer_cases.training.cases import Case
+from transfer_cases.utils.errors import ConfigError
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_LOCALID", "GROUP_RANK")
 

@@ -10,7 +10,7 @@ import pytest
 
 from transfer_cases.advise import StageScores, decide, score_stages
 from transfer_cases.advise.scores import nested_subsets, stratified_subset
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 SMALL = {c: 20 for c in ("a", "b", "c", "d")}
 LARGE = {c: 2000 for c in ("a", "b", "c", "d")}

@@ -19,10 +19,10 @@ from transfer_cases.advise import Advisor
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.backbones.tiny import _TinyNet
 from transfer_cases.backbones.weights_file import save_weights_file
+from transfer_cases.commands.train import train
 from transfer_cases.data import ImageFolderDataModule
-from transfer_cases.errors import ConfigError, DataError
 from transfer_cases.features import FeatureStore
-from transfer_cases.train import train
+from transfer_cases.utils.errors import ConfigError, DataError
 
 
 def dead_stages_weights(path: Path, dead: tuple[int, ...]) -> Path:

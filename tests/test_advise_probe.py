@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from transfer_cases.advise.probe import _fit_folds, _torch_threads, linear_probe_accuracy, stratified_folds
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 
 def blobs(n: int, classes: int, d: int, strength: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -16,10 +16,10 @@ import torch
 from omegaconf import DictConfig
 
 from tests.test_configs import TINY_OVERRIDES, cli_env
-from transfer_cases.atomic import AtomicCheckpointIO
-from transfer_cases.errors import OutputError
-from transfer_cases.summary import read_summary, write_summary
-from transfer_cases.train import train
+from transfer_cases.commands.train import train
+from transfer_cases.training.summary import read_summary, write_summary
+from transfer_cases.utils.atomic import AtomicCheckpointIO
+from transfer_cases.utils.errors import OutputError
 
 
 def save_until_full(obj: object, f: IO[bytes], *args: object, **kwargs: object) -> None:
@@ -83,7 +83,7 @@ def test_cli_full_disk_is_one_message_not_a_chained_traceback(tmp_path: Path, im
         "    f.write(b'PK' + bytes(100))\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "torch.save = full\n"
-        "from transfer_cases.train import main\n"
+        "from transfer_cases.commands.train import main\n"
         "sys.argv = ['transfer-train'] + sys.argv[1:]\n"
         "main()\n"
     )
@@ -110,7 +110,7 @@ def test_atomic_write_never_changes_the_process_umask(
 ) -> None:
     """Reading the umask means setting it for every thread: another thread would create world-writable
     files in that window. The file still gets the mode a plain open gives under the current umask."""
-    from transfer_cases.atomic import atomic_write_text
+    from transfer_cases.utils.atomic import atomic_write_text
 
     def no_umask(mask: int) -> int:
         raise AssertionError(f"os.umask({mask:#o}) called: the umask changes for every thread")

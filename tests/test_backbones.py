@@ -17,8 +17,8 @@ from transfer_cases.backbones.check import check_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.backbones.tables import markdown
 from transfer_cases.backbones.torchvision_zoo import SUPPORTED, TABLE_OF, staged_body
-from transfer_cases.errors import ConfigError, WeightsError
-from transfer_cases.module import TransferModule
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError, WeightsError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # One or two per table (but EfficientNetV2-M/L), cheap to construct; the rest (up to 150M parameters)

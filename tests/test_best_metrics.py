@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 
 from tests.test_resume_real import REAL
 from transfer_cases import config_dir
-from transfer_cases.evaluate import evaluate
-from transfer_cases.train import train
+from transfer_cases.commands.evaluate import evaluate
+from transfer_cases.commands.train import train
 
 
 def test_reported_val_metrics_are_the_best_checkpoints_not_the_last_epochs(

@@ -14,11 +14,11 @@ from tests.conftest import TINY, case_config
 from tests.helpers.lightning import save_checkpoint
 from tests.test_configs import TINY_OVERRIDES, run_cli
 from transfer_cases import asset_path, build
-from transfer_cases.checkpoint import load_module
-from transfer_cases.errors import ConfigError
-from transfer_cases.evaluate import evaluate
-from transfer_cases.module import TransferModule
-from transfer_cases.predict import predict
+from transfer_cases.commands.evaluate import evaluate
+from transfer_cases.commands.predict import predict
+from transfer_cases.training.checkpoint import load_module
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError
 
 EMBEDDED_WEIGHTS = asset_path("mobilenet_v2_imagenet.pt")
 

@@ -22,9 +22,9 @@ from transfer_cases.data import (
     MNISTDataModule,
     eval_transform,
 )
-from transfer_cases.errors import ConfigError, DataError
-from transfer_cases.paths import asset_path
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import ConfigError, DataError
+from transfer_cases.utils.paths import asset_path
 
 # The shared data sits next to the repository (../shared/data), wherever it is checked out.
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"

@@ -17,7 +17,6 @@ from PIL import Image
 
 from tests.test_data import make_cifar_folder, make_split, paths_of, tiny_mnist, zip_folder  # noqa: F401
 from transfer_cases import build
-from transfer_cases.config import instantiate_clean
 from transfer_cases.data import (
     CIFAR10DataModule,
     ClassificationDataModule,
@@ -26,8 +25,9 @@ from transfer_cases.data import (
     Splits,
     Stream,
 )
-from transfer_cases.errors import ConfigError
-from transfer_cases.paths import asset_path
+from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.errors import ConfigError
+from transfer_cases.utils.paths import asset_path
 
 HYMENOPTERA = asset_path("hymenoptera")
 

@@ -12,9 +12,9 @@ import torch
 
 from tests.conftest import CASES, TINY, case_config
 from tests.test_configs import TINY_OVERRIDES, run_cli
-from transfer_cases.callbacks import FreezeGuard, frozen_digest
 from transfer_cases.data import ImageFolderDataModule
-from transfer_cases.module import TransferModule
+from transfer_cases.training.callbacks import FreezeGuard, frozen_digest
+from transfer_cases.training.module import TransferModule
 
 # Each DDP run starts two processes (~10 s here): the fully frozen case, where the trap lies, runs in
 # the fast suite; the other three in `make test-all`.

@@ -25,7 +25,7 @@ from transfer_cases.convert.tflite_mobilenet import (
     reestimate_batchnorm,
     set_identity_batchnorm,
 )
-from transfer_cases.paths import asset_path
+from transfer_cases.utils.paths import asset_path
 
 WEIGHTS = asset_path("mobilenet_v2_imagenet.pt")
 SAMPLES = Path(__file__).parent / "assets" / "imagenet_samples"

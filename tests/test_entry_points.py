@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from tests.conftest import write_image_folder
 from tests.test_configs import TINY_OVERRIDES, run_cli
 from transfer_cases import config_dir
-from transfer_cases.evaluate import evaluate
-from transfer_cases.predict import predict
+from transfer_cases.commands.evaluate import evaluate
+from transfer_cases.commands.predict import predict
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from tests.conftest import TINY, case_config
 from tests.test_configs import TINY_OVERRIDES, run_cli
 from transfer_cases import build
 from transfer_cases.backbones import TorchvisionBackbone
-from transfer_cases.errors import ConfigError, DataError, WeightsError
-from transfer_cases.module import TransferModule
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError, DataError, WeightsError
 
 
 @pytest.mark.parametrize("group", ["case", "backbone"])

@@ -22,13 +22,13 @@ from tests.conftest import MOBILENET, TINY, case_config, write_image_folder
 from tests.test_configs import run_cli
 from tests.test_images import sideways_photo
 from transfer_cases import asset_path
-from transfer_cases.checkpoint import load_module
+from transfer_cases.commands.export import FORMATS, main, usage
 from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.data.sources import open_image
 from transfer_cases.data.transforms import eval_transform
-from transfer_cases.export import FORMATS, main, usage
-from transfer_cases.module import TransferModule
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.checkpoint import load_module
+from transfer_cases.training.module import TransferModule
+from transfer_cases.training.preprocess import Preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 

@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.conftest import TINY, case_config, write_image_folder
 from transfer_cases.backbones.tiny import _TinyNet
 from transfer_cases.backbones.weights_file import save_weights_file
-from transfer_cases.checkpoint import load_module
 from transfer_cases.data import ImageFolderDataModule
-from transfer_cases.errors import ConfigError
 from transfer_cases.features import CachedFeatureDataModule, FeatureCache, FeatureSet, FeatureStore
-from transfer_cases.module import TransferModule
+from transfer_cases.training.checkpoint import load_module
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError
 
 
 def weights_file(path: Path, seed: int = 0, widths: tuple[int, ...] = (8, 16, 32)) -> Path:

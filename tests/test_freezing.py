@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tests.conftest import CASES, MOBILENET, TINY, case_config
-from transfer_cases.module import TransferModule
+from transfer_cases.training.module import TransferModule
 
 BACKBONES = {"tiny": (TINY, 32), "mobilenet_v2": (MOBILENET, 64)}
 

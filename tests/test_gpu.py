@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 from tests.conftest import CASES
 from tests.helpers.run_if import RunIf, cuda_gpus
 from tests.test_configs import run_cli
-from transfer_cases.config import instantiate_clean
+from transfer_cases.commands.train import train
 from transfer_cases.tools import gpu_check
-from transfer_cases.train import train
+from transfer_cases.utils.config import instantiate_clean
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ["16-mixed", pytest.param("bf16-mixed", marks=RunIf(min_gpus=1, bf16=True).marks)]

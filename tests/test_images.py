@@ -15,14 +15,14 @@ from tests.conftest import TINY, case_config
 from tests.helpers.lightning import save_checkpoint
 from tests.test_configs import run_cli
 from tests.test_data import make_split
-from transfer_cases.cli import friendly_errors
+from transfer_cases.commands.cli import friendly_errors
 from transfer_cases.data import FileSource, ImageFolderDataModule, SubsetDataset
 from transfer_cases.data.sources import open_image, verify_image
 from transfer_cases.data.transforms import eval_transform, to_rgb
-from transfer_cases.errors import DataError
-from transfer_cases.module import TransferModule
-from transfer_cases.paths import asset_path
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.module import TransferModule
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import DataError
+from transfer_cases.utils.paths import asset_path
 
 ANT = asset_path("hymenoptera") / "train" / "ants" / "0013035.jpg"
 

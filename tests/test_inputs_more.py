@@ -30,18 +30,18 @@ from tests.helpers.lightning import save_checkpoint
 from tests.test_configs import cli_env
 from tests.test_report import ok_summary, write_job
 from tests.test_settings import one_line_error, train_cli
-from transfer_cases import atomic
-from transfer_cases.checks import TRAIN_SETTINGS, check_known_keys, check_settings
+from transfer_cases.commands.evaluate import write_reports
+from transfer_cases.commands.predict import main as predict_main
 from transfer_cases.data import CIFAR10DataModule, MNISTDataModule, cifar10, download, mnist
 from transfer_cases.data.sources import FileSource, SubsetDataset
-from transfer_cases.errors import ConfigError, DataError
-from transfer_cases.evaluate import write_reports
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureStore
-from transfer_cases.module import TransferModule
-from transfer_cases.paths import config_dir
-from transfer_cases.predict import main as predict_main
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils import atomic
+from transfer_cases.utils.checks import TRAIN_SETTINGS, check_known_keys, check_settings
+from transfer_cases.utils.errors import ConfigError, DataError
+from transfer_cases.utils.paths import config_dir
 
 ROOT = config_dir().parent
 TB = r"\d+\.\d TiB"
@@ -52,7 +52,7 @@ BAD = {
     "+trainer.max_epoch=3": r"^error: unknown setting trainer\.max_epoch; did you mean "
     r"trainer\.max_epochs\?$",
     "+data.batchsize=4": r"^error: unknown setting data\.batchsize; did you mean data\.batch_size\?$",
-    "+model.foo=1": r"^error: unknown setting model\.foo: transfer_cases\.module\.TransferModule "
+    "+model.foo=1": r"^error: unknown setting model\.foo: transfer_cases\.training\.module\.TransferModule "
     r"takes no 'foo'",
     "data.image_size=100000": rf"data\.image_size=100000 is larger than 4096: one batch of 32 images "
     rf"\(32 x 3 x 100000 x 100000 float32\) would need {TB} of memory for its input alone; "
@@ -316,7 +316,7 @@ def test_content_stamp_sees_a_swapped_file(tmp_path: Path, stamp: str, rebuilt: 
 
 
 class _DiskFillsAfter:
-    """`os` for transfer_cases.atomic whose `write` fails with ENOSPC after `pieces` writes."""
+    """`os` for transfer_cases.utils.atomic whose `write` fails with ENOSPC after `pieces` writes."""
 
     def __init__(self, pieces: int) -> None:
         self.left = pieces

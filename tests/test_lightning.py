@@ -15,8 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tests.conftest import CASES, TINY, case_config
 from transfer_cases.data import ImageFolderDataModule
-from transfer_cases.errors import WeightsError
-from transfer_cases.module import TransferModule
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import WeightsError
 
 
 class FrozenWatch(L.Callback):
@@ -175,7 +175,7 @@ def test_a_module_loaded_in_eval_mode_fine_tunes_in_train_mode_and_says_so(
     tmp_path: Path, image_folder: Path
 ) -> None:
     from tests.helpers.lightning import save_checkpoint
-    from transfer_cases.checkpoint import load_module
+    from transfer_cases.training.checkpoint import load_module
 
     case = {"name": "partial", "init": "pretrained", "keep": None, "freeze": 1, "body_lr_scale": 0.1}
     original = TransferModule(backbone=TINY, case=case, num_classes=2, head={"kind": "mlp", "dropout": 0.5})

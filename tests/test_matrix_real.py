@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer_cases.tools import matrix_real as mr
+from studies import matrix_real as mr
 
 
 def test_plan_covers_every_cell_case_and_seed_small_cells_first() -> None:

@@ -270,7 +270,7 @@ def test_generated_project_is_renamed_and_configured(
 
     pyproject = (gen / "pyproject.toml").read_text()  # no tomllib: Python 3.10 is supported
     assert f'\nname = "{project}"\n' in pyproject
-    assert f'\n{project}-train = "{package}.train:main"\n' in pyproject
+    assert f'\n{project}-train = "{package}.commands.train:main"\n' in pyproject
     assert f'packages = ["src/{package}"]' in pyproject
 
     readme = (gen / "README.md").read_text()
@@ -310,11 +310,11 @@ def test_generated_project_installs_and_runs(generated: Path, light_venv: Path) 
         "python",
         "-c",
         "import importlib.util as u; print(u.find_spec('my_transfer_task').origin); "
-        "print(u.find_spec('transfer_cases.train'))",
+        "print(u.find_spec('transfer_cases.commands') is None)",
     )
     assert spec.returncode == 0, spec.stderr
     origin, old = spec.stdout.split()
-    assert Path(origin).is_relative_to(generated / "src" / "my_transfer_task") and old == "None"
+    assert Path(origin).is_relative_to(generated / "src" / "my_transfer_task") and old == "True"
 
     job = run_in(light_venv, generated, "my-transfer-task-train", "--cfg", "job")
     assert job.returncode == 0, job.stderr[-3000:]

@@ -13,9 +13,9 @@ import torch
 from tests.conftest import TINY, case_config
 from tests.helpers.lightning import save_checkpoint
 from tests.test_configs import TINY_OVERRIDES, run_cli
-from transfer_cases.checkpoint import load_module, read_checkpoint
-from transfer_cases.errors import ConfigError
-from transfer_cases.module import TransferModule
+from transfer_cases.training.checkpoint import load_module, read_checkpoint
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError
 
 QUIET = ("callbacks.progress_bar.refresh_rate=0", "callbacks.model_summary=null", "test=false")
 

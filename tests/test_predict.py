@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import TINY, case_config
 from tests.helpers.lightning import save_checkpoint
-from transfer_cases import predict as predict_module
-from transfer_cases.module import TransferModule
-from transfer_cases.predict import main
+from transfer_cases.commands import predict as predict_module
+from transfer_cases.commands.predict import main
+from transfer_cases.training.module import TransferModule
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_read_only_output_is_one_message_before_any_work(
     def read_only(*_: object, **__: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("transfer_cases.checks.tempfile.NamedTemporaryFile", read_only)
+    monkeypatch.setattr("transfer_cases.utils.checks.tempfile.NamedTemporaryFile", read_only)
     # The checkpoint does not even exist: the output is checked first.
     err = fails([str(tmp_path / "none.ckpt"), str(image_folder), "--out", str(tmp_path / "p.csv")], capsys)
     assert f"error: cannot write to --out folder={tmp_path}: read-only file system" in err

@@ -18,12 +18,12 @@ from tests.conftest import TINY, case_config
 from tests.helpers.lightning import Interrupted, started_epochs
 from tests.test_lightning import tiny_weights_file
 from tests.test_resume import ckpt_epoch, overrides
+from transfer_cases.commands.train import train
 from transfer_cases.data import ImageFolderDataModule
-from transfer_cases.diagnose import collapse_warning
-from transfer_cases.errors import ConfigError
-from transfer_cases.module import TransferModule
-from transfer_cases.recipe import make_trainer
-from transfer_cases.train import train
+from transfer_cases.training.diagnose import collapse_warning
+from transfer_cases.training.module import TransferModule
+from transfer_cases.training.recipe import make_trainer
+from transfer_cases.utils.errors import ConfigError
 
 
 class PhaseWatch(L.Callback):

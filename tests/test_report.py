@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.conftest import write_image_folder
-from transfer_cases.report import CSV_FIELDS, DPI, collect_runs, main, write_report
+from transfer_cases.commands.report import CSV_FIELDS, DPI, collect_runs, main, write_report
 
 CONFIG_ERROR = "ConfigError: case.keep=9 | the body has 3 stages\nchoose case.keep between -2 and 3"
 

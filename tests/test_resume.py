@@ -24,12 +24,12 @@ from tests.helpers.lightning import Interrupted, save_checkpoint, started_epochs
 from tests.test_configs import TINY_OVERRIDES, cli_env
 from tests.test_lightning import tiny_weights_file
 from transfer_cases import build
-from transfer_cases.callbacks import LastCheckpoint, frozen_digest
-from transfer_cases.checkpoint import load_module
-from transfer_cases.errors import ConfigError
-from transfer_cases.module import TransferModule
-from transfer_cases.report import collect_runs
-from transfer_cases.train import train
+from transfer_cases.commands.report import collect_runs
+from transfer_cases.commands.train import train
+from transfer_cases.training.callbacks import LastCheckpoint, frozen_digest
+from transfer_cases.training.checkpoint import load_module
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError
 
 QUIET = ("callbacks.progress_bar.refresh_rate=0", "callbacks.model_summary=null", "test=false")
 # These tests interrupt runs between epochs of a fraction of a second: last.ckpt after every epoch.

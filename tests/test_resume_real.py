@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from tests.helpers.lightning import Interrupted
 from tests.test_resume import EVERY_EPOCH, QUIET
 from transfer_cases import build
-from transfer_cases.callbacks import frozen_digest
-from transfer_cases.module import TransferModule
-from transfer_cases.train import train
+from transfer_cases.commands.train import train
+from transfer_cases.training.callbacks import frozen_digest
+from transfer_cases.training.module import TransferModule
 
 REAL = (
     "data=hymenoptera",

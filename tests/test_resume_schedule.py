@@ -12,7 +12,7 @@ import pytest
 from omegaconf import DictConfig
 
 from tests.test_resume import metric_rows, overrides
-from transfer_cases.train import train
+from transfer_cases.commands.train import train
 
 LR = 0.01
 KEY = "lr-AdamW/head"

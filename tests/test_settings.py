@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from tests.helpers.cli import run_console_script
 from tests.test_configs import TINY_OVERRIDES, cli_env
-from transfer_cases.cli import instantiate_list
-from transfer_cases.errors import ConfigError
+from transfer_cases.commands.cli import instantiate_list
+from transfer_cases.utils.errors import ConfigError
 
 
 def train_cli(*overrides: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -71,7 +71,12 @@ def test_bad_last_checkpoint_interval_stops_with_one_line(tmp_path: Path, value:
 
 def test_an_error_raised_inside_instantiate_comes_out_as_itself() -> None:
     callbacks = OmegaConf.create(
-        {"last_checkpoint": {"_target_": "transfer_cases.callbacks.LastCheckpoint", "min_interval_s": "abc"}}
+        {
+            "last_checkpoint": {
+                "_target_": "transfer_cases.training.callbacks.LastCheckpoint",
+                "min_interval_s": "abc",
+            }
+        }
     )
     with deadline(30), pytest.raises(ConfigError, match=r"min_interval_s='abc' must be a number of seconds"):
         instantiate_list(callbacks)

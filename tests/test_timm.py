@@ -16,9 +16,9 @@ from torch import nn
 from tests.conftest import CASES, case_config
 from tests.test_configs import run_cli
 from transfer_cases.backbones.weights_file import save_weights_file
-from transfer_cases.config import instantiate_clean
-from transfer_cases.errors import ConfigError, WeightsError
-from transfer_cases.module import TransferModule
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.errors import ConfigError, WeightsError
 
 timm = pytest.importorskip("timm")
 from transfer_cases.backbones.timm_zoo import TimmBackbone, staged_body  # noqa: E402

@@ -4,11 +4,11 @@
 the packaged configs live. Importing the package registers the `${asset:...}` resolver.
 """
 
-from transfer_cases.build import build
-from transfer_cases.cases import Case
-from transfer_cases.config import register_resolvers
-from transfer_cases.module import TransferModule
-from transfer_cases.paths import asset_path, config_dir
+from transfer_cases.training.build import build
+from transfer_cases.training.cases import Case
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.config import register_resolvers
+from transfer_cases.utils.paths import asset_path, config_dir
 
 register_resolvers()
 

@@ -32,12 +32,12 @@ from transfer_cases.advise.decide import (
 )
 from transfer_cases.advise.scores import score_stages
 from transfer_cases.backbones.staged import StagedBody
-from transfer_cases.config import instantiate_clean, to_dict
 from transfer_cases.data.splits import Stream, rng
-from transfer_cases.errors import ConfigError
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import EXTRACTIONS, resolve_extraction
 from transfer_cases.features.store import FeatureStore
+from transfer_cases.utils.config import instantiate_clean, to_dict
+from transfer_cases.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

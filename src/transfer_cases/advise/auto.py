@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.decide import Advice
 from transfer_cases.advise.report import ADVICE_JSON, train_command, user_overrides, write_advice
-from transfer_cases.errors import ConfigError
-from transfer_cases.paths import config_dir
+from transfer_cases.utils.errors import ConfigError
+from transfer_cases.utils.paths import config_dir
 
 log = logging.getLogger(__name__)
 

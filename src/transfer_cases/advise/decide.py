@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transfer_cases.advise.scores import StageScores
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 DEFAULT_SMALL_MAX_PER_CLASS = 100
 DEFAULT_THRESHOLD_SOURCE = "rule-of-thumb default, not measured"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 
 @dataclass(frozen=True)

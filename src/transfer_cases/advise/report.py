@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transfer_cases.advise.decide import Advice
-from transfer_cases.atomic import atomic_write, atomic_write_text
+from transfer_cases.utils.atomic import atomic_write, atomic_write_text
 
 ADVICE_JSON = "advice.json"
 ADVICE_PNG = "advice.png"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from transfer_cases.backbones.staged import StagedBody
-from transfer_cases.errors import ConfigError
+from transfer_cases.utils.errors import ConfigError
 
 PROBE_SIZE = 64
 

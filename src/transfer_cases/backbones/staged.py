@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from transfer_cases.errors import ConfigError, WeightsError
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import ConfigError, WeightsError
 
 
 class GlobalAvgPool(nn.Module):

@@ -22,8 +22,8 @@ from torch import nn
 from transfer_cases.backbones.check import PROBE_SIZE, check_stages, eval_no_grad
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.backbones.weights import is_weights_path, load_weights_path
-from transfer_cases.errors import ConfigError, WeightsError
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import ConfigError, WeightsError
 
 PRETRAINED = "pretrained"
 

@@ -10,7 +10,7 @@ from torch import nn
 from transfer_cases.backbones.check import check_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.backbones.weights import load_weights_path
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
 
 
 class _TinyNet(nn.Module):

@@ -19,8 +19,8 @@ from torchvision.models.convnext import LayerNorm2d
 from transfer_cases.backbones.check import check_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.backbones.weights import is_weights_path, load_torchvision_weights, load_weights_path
-from transfer_cases.errors import ConfigError
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from torch import nn
 from torchvision.models import get_model_weights
 
 from transfer_cases.backbones.weights_file import load_weights_file
-from transfer_cases.errors import ConfigError, WeightsError
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import ConfigError, WeightsError
 
 # Keys of the original classifier: a weights file may lack them (backbone-only export), and they are
 # dropped when the model has none (a timm model whose classifier was removed).

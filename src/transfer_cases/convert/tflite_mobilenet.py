@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from transfer_cases.backbones.weights_file import save_weights_file
-from transfer_cases.paths import PACKAGE_DIR, asset_path
+from transfer_cases.utils.paths import PACKAGE_DIR, asset_path
 
 # the shared data folder next to a checkout (`../shared/data`, where `make weights` looks)
 SHARED_DIR = PACKAGE_DIR.parents[2] / "shared" / "data" / "imagenet_mobilenet_tflite"

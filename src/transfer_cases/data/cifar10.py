@@ -19,7 +19,7 @@ from transfer_cases.data.imagefolder import IMAGE_EXTENSIONS, folder_splits
 from transfer_cases.data.mnist import ArraySource
 from transfer_cases.data.sources import ImageSource, digest, file_stamp, open_image, verify_image
 from transfer_cases.data.splits import Splits, build_splits
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 ZIP_NAME = "cifar10_jpg.zip"
 ZIP_PREFIXES = ("cifar10_jpg/", "")

@@ -25,8 +25,8 @@ from transfer_cases.data._log import RankZeroLogger
 from transfer_cases.data.sources import ImageSource, SubsetDataset
 from transfer_cases.data.splits import Splits, Stream, rng, split_per_class, take_per_class, torch_generator
 from transfer_cases.data.transforms import check_crop_scale, eval_transform, train_transform
-from transfer_cases.errors import ConfigError, DataError
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import ConfigError, DataError
 
 log = RankZeroLogger(__name__)
 

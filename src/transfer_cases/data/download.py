@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 
 class Resource(NamedTuple):

@@ -9,7 +9,7 @@ from transfer_cases.data._log import RankZeroLogger
 from transfer_cases.data.datamodule import ClassificationDataModule
 from transfer_cases.data.sources import FileSource
 from transfer_cases.data.splits import Splits, build_splits
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 log = RankZeroLogger(__name__)
 

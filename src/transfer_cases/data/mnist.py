@@ -15,7 +15,7 @@ from transfer_cases.data.datamodule import ClassificationDataModule
 from transfer_cases.data.download import Resource, fetch
 from transfer_cases.data.sources import ImageSource, digest, file_stamp
 from transfer_cases.data.splits import Splits
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from transfer_cases.data.transforms import to_rgb
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 # What PIL raises on a truncated, corrupt or not-an-image file.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)

@@ -16,7 +16,7 @@ import torch
 
 from transfer_cases.data._log import RankZeroLogger
 from transfer_cases.data.sources import ImageSource
-from transfer_cases.errors import DataError
+from transfer_cases.utils.errors import DataError
 
 log = RankZeroLogger(__name__)
 Item = TypeVar("Item")

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from transfer_cases.errors import ConfigError, DataError
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.errors import ConfigError, DataError
 
 # 16-bit grayscale (PNG, TIFF, PGM): PIL's own conversion to 8 bit clips at 255, turning a
 # 16-bit photo white; 0..65535 is scaled to 0..255 instead. PIL opens some 16-bit files as "I".

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 
 from transfer_cases.data.sources import stamping
 from transfer_cases.data.splits import Stream
-from transfer_cases.digest import tensor_digest
 from transfer_cases.features.extract import Extraction, extract
 from transfer_cases.features.store import FeatureSet, FeatureStore
+from transfer_cases.utils.digest import tensor_digest
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.data.sources import STAMPS
-from transfer_cases.errors import ConfigError, DataError
 from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureSet, FeatureStore
+from transfer_cases.utils.errors import ConfigError, DataError
 
 EVAL_ROWS = 4096  # feature rows per evaluation batch: 20 MB of 1280-d fp32 features
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from transfer_cases.errors import ConfigError
+from transfer_cases.utils.errors import ConfigError
 
 
 @dataclass(frozen=True)

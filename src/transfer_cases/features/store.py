@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from transfer_cases.atomic import atomic_write
-from transfer_cases.digest import tensor_digest
-from transfer_cases.errors import ConfigError, OutputError
+from transfer_cases.utils.atomic import atomic_write
+from transfer_cases.utils.digest import tensor_digest
+from transfer_cases.utils.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 

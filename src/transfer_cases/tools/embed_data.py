@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from transfer_cases.paths import asset_path
+from transfer_cases.utils.paths import asset_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
 

@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from transfer_cases import build, config_dir
-from transfer_cases.callbacks import FreezeGuard
-from transfer_cases.cli import friendly_errors
-from transfer_cases.errors import ConfigError
+from transfer_cases.commands.cli import friendly_errors
+from transfer_cases.training.callbacks import FreezeGuard
+from transfer_cases.utils.errors import ConfigError
 
 CASES = ("small_similar", "small_different", "large_similar", "large_different")
 WARMUP_BATCHES = 3

@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from transfer_cases.atomic import atomic_pieces
-from transfer_cases.checkpoint import load_module
-from transfer_cases.checks import check_writable_dir
-from transfer_cases.cli import friendly_errors
+from transfer_cases.commands.cli import friendly_errors
 from transfer_cases.data.imagefolder import is_image_file
 from transfer_cases.data.sources import open_image
 from transfer_cases.data.transforms import eval_transform
-from transfer_cases.errors import ConfigError, DataError, OutputError
-from transfer_cases.module import TransferModule
+from transfer_cases.training.checkpoint import load_module
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.atomic import atomic_pieces
+from transfer_cases.utils.checks import check_writable_dir
+from transfer_cases.utils.errors import ConfigError, DataError, OutputError
 
 FIELDS = ("file", "class", "probability", "error")
 

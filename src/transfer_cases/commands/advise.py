@@ -11,10 +11,10 @@ from omegaconf import DictConfig
 
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.report import print_advice, user_overrides, write_advice
-from transfer_cases.checks import TRAIN_SETTINGS, check_set, check_settings
-from transfer_cases.cli import console, friendly_errors
-from transfer_cases.config import register_resolvers
-from transfer_cases.paths import config_dir
+from transfer_cases.commands.cli import console, friendly_errors
+from transfer_cases.utils.checks import TRAIN_SETTINGS, check_set, check_settings
+from transfer_cases.utils.config import register_resolvers
+from transfer_cases.utils.paths import config_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="advise")

@@ -19,8 +19,8 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from transfer_cases.errors import ConfigError, OutputError, TransferCasesError
-from transfer_cases.paths import config_dir
+from transfer_cases.utils.errors import ConfigError, OutputError, TransferCasesError
+from transfer_cases.utils.paths import config_dir
 
 
 def check_train_config(cfg: DictConfig) -> None:

@@ -26,14 +26,14 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from transfer_cases.atomic import atomic_text, atomic_write, atomic_write_text
-from transfer_cases.checkpoint import load_module
-from transfer_cases.checks import check_eval_config
-from transfer_cases.cli import friendly_errors
-from transfer_cases.config import instantiate_clean, register_resolvers
+from transfer_cases.commands.cli import friendly_errors
 from transfer_cases.data import ClassificationDataModule, SubsetDataset
-from transfer_cases.errors import ConfigError, DataError
-from transfer_cases.paths import config_dir
+from transfer_cases.training.checkpoint import load_module
+from transfer_cases.utils.atomic import atomic_text, atomic_write, atomic_write_text
+from transfer_cases.utils.checks import check_eval_config
+from transfer_cases.utils.config import instantiate_clean, register_resolvers
+from transfer_cases.utils.errors import ConfigError, DataError
+from transfer_cases.utils.paths import config_dir
 
 SPLITS = ("train", "val", "test")
 
@@ -81,7 +81,7 @@ def score(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> 
 def write_reports(
     rows: list[dict[str, Any]], probs: torch.Tensor, labels: torch.Tensor, names: list[str], out: Path
 ) -> None:
-    """Each file atomically (see transfer_cases.atomic): whole or absent, class names of any bytes."""
+    """Each file atomically (see transfer_cases.utils.atomic): whole or absent, class names of any bytes."""
     fields = ["class", "precision", "recall", "f1", "support"]
     with atomic_text(out / "metrics.csv", what="metrics CSV") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -12,12 +12,12 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from transfer_cases.cases import Case
-from transfer_cases.config import instantiate_clean, to_dict
-from transfer_cases.errors import ConfigError
 from transfer_cases.features.batch import FeatureBatch
-from transfer_cases.heads import make_head
-from transfer_cases.preprocess import Preprocess
+from transfer_cases.training.cases import Case
+from transfer_cases.training.heads import make_head
+from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.utils.config import instantiate_clean, to_dict
+from transfer_cases.utils.errors import ConfigError
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 1e-4}
 

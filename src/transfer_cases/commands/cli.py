@@ -14,8 +14,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
-from transfer_cases.config import instantiate_clean
-from transfer_cases.errors import ConfigError, TransferCasesError
+from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.errors import ConfigError, TransferCasesError
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=False)

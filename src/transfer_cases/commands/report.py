@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 from rich import box
 from rich.table import Table
 
-from transfer_cases.atomic import atomic_text, atomic_write, atomic_write_text
-from transfer_cases.cli import console, friendly_errors
-from transfer_cases.errors import DataError
-from transfer_cases.summary import read_summary
+from transfer_cases.commands.cli import console, friendly_errors
+from transfer_cases.training.summary import read_summary
+from transfer_cases.utils.atomic import atomic_text, atomic_write, atomic_write_text
+from transfer_cases.utils.errors import DataError
 
 MULTIRUNS_DIR = Path("outputs/train/multiruns")
 CSV_FIELDS = (
@@ -196,7 +196,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[st
     """Write report.md, report.csv, report.png and learning_curves.png; returns them by kind.
 
     Each atomically (whole or absent; a full disk or read-only folder is one message naming --out),
-    names of any bytes kept (see transfer_cases.atomic)."""
+    names of any bytes kept (see transfer_cases.utils.atomic)."""
     out = Path(out_dir)
     paths = {
         "markdown": out / "report.md",

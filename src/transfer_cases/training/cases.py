@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from transfer_cases.backbones.staged import StagedBody
-from transfer_cases.errors import ConfigError
+from transfer_cases.utils.errors import ConfigError
 
 CASE_FIELDS = ("name", "init", "keep", "freeze", "body_lr_scale", "epochs", "probe_epochs", "bn_mode")
 

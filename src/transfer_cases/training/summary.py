@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from transfer_cases.atomic import atomic_write_text
+from transfer_cases.utils.atomic import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 

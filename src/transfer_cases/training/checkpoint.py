@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from transfer_cases.backbones.weights_file import FORMAT as WEIGHTS_FORMAT
-from transfer_cases.errors import ConfigError
-from transfer_cases.module import TransferModule
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError
 
 WHERE = "the .ckpt files written by transfer-train are in <run>/checkpoints/ (last.ckpt, epochNN.ckpt)"
 

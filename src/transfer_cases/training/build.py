@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from transfer_cases.checkpoint import check_resumable, read_checkpoint, resume_overrides
-from transfer_cases.config import instantiate_clean, register_resolvers, to_dict
 from transfer_cases.data import ClassificationDataModule
-from transfer_cases.module import TransferModule
+from transfer_cases.training.checkpoint import check_resumable, read_checkpoint, resume_overrides
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.config import instantiate_clean, register_resolvers, to_dict
 
 
 def build(cfg: DictConfig) -> tuple[TransferModule, ClassificationDataModule]:

@@ -29,9 +29,9 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, open_dict
 
-from transfer_cases.cli import instantiate_list
-from transfer_cases.config import instantiate_clean
-from transfer_cases.module import TransferModule
+from transfer_cases.commands.cli import instantiate_list
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.config import instantiate_clean
 
 PROBE, FIT = "probe", "fit"
 

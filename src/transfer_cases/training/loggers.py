@@ -11,7 +11,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from transfer_cases.atomic import atomic_write
+from transfer_cases.utils.atomic import atomic_write
 
 # Logged by `TransferModule.on_fit_start` at every fit, resumed or not: an older copy is redundant.
 _REPEATED_PREFIX = "params/"

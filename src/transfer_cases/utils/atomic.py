@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from transfer_cases.errors import OutputError, TransferCasesError
+from transfer_cases.utils.errors import OutputError, TransferCasesError
 
 # What a user can fix by pointing the output elsewhere or freeing space.
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}

@@ -8,8 +8,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_cases.errors import TransferCasesError
-from transfer_cases.paths import asset_path
+from transfer_cases.utils.errors import TransferCasesError
+from transfer_cases.utils.paths import asset_path
 
 
 def register_resolvers() -> None:

@@ -20,10 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from transfer_cases.digest import tensor_digest
-from transfer_cases.errors import ConfigError
-from transfer_cases.loggers import HistoryCSVLogger
-from transfer_cases.module import TransferModule
+from transfer_cases.training.loggers import HistoryCSVLogger
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.digest import tensor_digest
+from transfer_cases.utils.errors import ConfigError
 
 
 def frozen_digest(module: TransferModule) -> str:

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer_cases.checkpoint import load_module
-from transfer_cases.cli import friendly_errors
-from transfer_cases.errors import ConfigError
-from transfer_cases.module import TransferModule
+from transfer_cases.commands.cli import friendly_errors
+from transfer_cases.training.checkpoint import load_module
+from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.errors import ConfigError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 INPUT, OUTPUT = "image", "probabilities"

@@ -1,0 +1,1 @@
+"""The training core: the LightningModule, the four cases, phases, callbacks and checkpoints."""

@@ -1,0 +1,1 @@
+"""Plumbing shared by every part: errors, atomic writes, config helpers, setting checks."""
