@@ -105,6 +105,31 @@ def test_cli_full_disk_is_one_message_not_a_chained_traceback(tmp_path: Path, im
     assert summary["status"] == "failed" and "no space left on device" in summary["error"]
 
 
+@pytest.mark.slow  # a fresh interpreter (the patch must precede Hydra)
+def test_cli_full_disk_in_hydras_config_save_is_one_message(tmp_path: Path) -> None:
+    """Hydra writes .hydra/config.yaml before the task starts: a full disk there is our one line too."""
+    script = (
+        "import errno, sys, hydra.core.utils as u\n"
+        "def full(*a, **k):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "u._save_config = full\n"
+        "from transfer_cases.commands.train import main\n"
+        "sys.argv = ['transfer-train'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *TINY_OVERRIDES, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    assert "error: cannot write the run folder" in proc.stderr and "no space left on device" in proc.stderr
+
+
 def test_atomic_write_never_changes_the_process_umask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

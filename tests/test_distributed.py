@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import CASES, TINY, case_config
+from tests.conftest import CASES, TINY, case_config, write_image_folder
 from tests.test_configs import TINY_OVERRIDES, run_cli
 from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.training.callbacks import FreezeGuard, frozen_digest
@@ -141,3 +141,33 @@ def test_freeze_guard_catches_a_changed_frozen_weight_whatever_its_interval(
     with pytest.raises(RuntimeError, match=f"FreezeGuard: the frozen stages {message}"):
         trainer.fit(module, dm)
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing was saved with the changed body
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+@pytest.mark.parametrize("problem", ["diverged", "broken_image"])
+def test_ddp_cpu_error_is_one_message_from_the_ranks(tmp_path: Path, problem: str) -> None:
+    """An error during a DDP fit: one `error:` line (a setting's error from rank 0 only, as every rank
+    checks the same settings), no traceback from the other rank, exit status 2."""
+    root = write_image_folder(tmp_path / "images", classes=("a", "b"), per_class=6)
+    overrides = ["trainer.precision=16-true", "case=large_similar"]  # NaN on the CPU: the guard stops it
+    if problem == "broken_image":
+        (root / "train" / "a" / "zz_broken.png").write_bytes(b"not a png" * 10)
+        overrides = ["data=imagefolder", "data.check_images=false", "case=large_similar"]
+    run = run_cli(
+        "transfer-train",
+        "trainer=ddp_cpu",
+        *TINY_OVERRIDES,
+        f"data.root={root}",
+        "trainer.max_epochs=1",
+        "data.batch_size=2",
+        "callbacks.progress_bar.refresh_rate=0",
+        *overrides,
+        cwd=tmp_path,
+        fresh=True,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert ("not finite" in errors[0]) if problem == "diverged" else ("zz_broken.png" in errors[0]), errors

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tests.conftest import TINY, case_config
@@ -72,6 +72,19 @@ BAD = {
     "+data.download=true": r"unknown setting data\.download: transfer_cases\.data\.ImageFolderDataModule "
     r"takes no 'download'",
     "cache.stamp=size": r"cache\.stamp='size' is not one of: mtime, content",
+    # Hydra's own refusals of the command line: one line naming the fix, exit 2 (were Hydra's, exit 1).
+    "data=imagefolder data.root=/tmp/my data": r"^error: 'data' is not a key=value override; if it is the "
+    r"rest of a value with spaces, quote the whole override, e\.g\. 'data\.root=\"/data/my images\"'$",
+    "data=imagefolder data.root=/tmp/café": r"^error: cannot read the override 'data\.root=/tmp/café'; quote",
+    "case=auto case.keep=2": r"^error: case\.keep is not a setting of this case: with case=auto the advisor "
+    r"picks the cut; .*e\.g\. case=small_different case\.keep=2$",
+    "trainer.max_epoch=3": r"^error: unknown setting trainer\.max_epoch; did you mean trainer\.max_epochs\?$",
+    "backbone.widths=[]": r"^error: backbone\.widths=\[\] is not a list of channel widths",
+    "backbone.widths=[0,0,0]": r"^error: backbone\.widths=\[0, 0, 0\] is not a list of channel widths",
+    "backbone.widths=abc": r"^error: backbone\.widths='abc' is not a list of channel widths",
+    "data.random_crop_scale=abc": r"^error: data\.random_crop_scale='abc' is not a \(low, high\) pair",
+    "data.random_crop_scale=0.5": r"^error: data\.random_crop_scale=0\.5 is not a \(low, high\) pair",
+    "cache.dir=null": r"^error: cache\.dir=None is not a folder path; e\.g\. cache\.dir=",
     # A cache folder that exists but cannot be written (sysfs refuses new files, even to root).
     "cache.dir=/sys/kernel": r"cannot write to the feature cache folder /sys/kernel \(.*\); set "
     r"paths\.cache_dir \(or cache\.dir\) to a folder you can write",
@@ -372,3 +385,32 @@ def test_report_of_a_summary_whose_metrics_are_not_a_mapping(tmp_path: Path) -> 
     assert "failed: 1_b: unreadable summary.json: metrics is not a mapping" in run.stdout
     with open(sweep / "report.csv", newline="") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["ok", "failed"]
+
+
+def test_optuna_direction_against_the_optimized_metric_is_one_line(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    """`optimized_metric=val/loss` under the presets' `direction: maximize` searched for the worst trials."""
+    from tests.test_optuna_failures import search
+
+    code, stderr, sweep = search(tmp_path, image_folder, "optimized_metric=val/loss")
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("error:") == 1
+    assert "error: hydra.sweeper.direction=maximize with optimized_metric=val/loss" in stderr
+    assert "hydra.sweeper.direction=minimize" in stderr and not list(sweep.glob("*/summary.json"))
+
+
+def test_run_config_file_records_the_checked_values(tmp_path: Path) -> None:
+    """Hydra saves .hydra/config.yaml as composed; the checks normalise `cache.enabled=no` to false and
+    the checkpoint mode to follow `val/loss`: the file must say what the run used (it said max, yes)."""
+    overrides = (
+        "data=imagefolder",
+        f"data.root={tmp_path / 'missing'}",
+        "cache.enabled=no",
+        "optimized_metric=val/loss",
+    )
+    run = train_cli(*overrides, cwd=tmp_path)
+
+    assert "data folder not found" in one_line_error(run)  # stops after the checks: the config is final
+    saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    assert saved.cache.enabled is False and saved.callbacks.model_checkpoint.mode == "min"

@@ -239,6 +239,24 @@ def test_resume_from_another_backbone_names_the_checkpoints_backbone(
     assert "missing" not in str(e.value).lower()
 
 
+def test_resume_with_another_head_kind_names_the_head(
+    compose_train: Callable[..., DictConfig], image_folder: Path, small_different_ckpt: Path
+) -> None:
+    """Not "another backbone?": the body is the same, the head setting differs."""
+    with pytest.raises(ConfigError, match=r"model\.head\.kind 'linear' there, 'mlp' here") as e:
+        build(
+            resume_config(
+                compose_train,
+                image_folder,
+                small_different_ckpt,
+                "case=small_different",
+                "model.head.kind=mlp",
+            )
+        )
+    message = str(e.value)
+    assert "another backbone" not in message and "(model.head.kind 'linear' there" in message  # named first
+
+
 def test_resume_with_other_classes_names_both(
     compose_train: Callable[..., DictConfig], small_different_ckpt: Path, tmp_path: Path
 ) -> None:

@@ -11,9 +11,8 @@ from omegaconf import DictConfig
 
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.report import print_advice, user_overrides, write_advice
-from transfer_cases.commands.cli import console, friendly_errors
+from transfer_cases.commands.cli import console, friendly_errors, run_hydra
 from transfer_cases.utils.checks import TRAIN_SETTINGS, check_set, check_settings
-from transfer_cases.utils.config import register_resolvers
 from transfer_cases.utils.paths import config_dir
 
 
@@ -34,8 +33,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_resolvers()
-    _main()
+    run_hydra(_main)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -14,7 +16,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
-from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.atomic import OUTPUT_ERRNOS, output_error
+from transfer_cases.utils.config import instantiate_clean, register_resolvers
 from transfer_cases.utils.errors import ConfigError, TransferCasesError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,10 +35,101 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TransferCasesError as e:
-            print(f"\nerror: {user_message(e)}", file=sys.stderr)
+            # Every DDP rank checks the same settings: rank 0 says it once. Data errors are per rank.
+            if not (isinstance(e, ConfigError) and rank_zero_only.rank > 0):
+                print(f"\nerror: {user_message(e)}", file=sys.stderr)
             sys.exit(2)
+        except Exception as e:
+            if rank_zero_only.rank > 0 and _peer_failed(e):
+                print(
+                    f"\nrank {rank_zero_only.rank}: stopped, another process of this DDP run failed first "
+                    "(its error is above)",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+# What a rank's collective raises when the rank it talks to has exited (gloo, NCCL).
+PEER_FAILED = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "Broken pipe",
+)
+
+
+def _peer_failed(error: BaseException) -> bool:
+    return any(
+        isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_FAILED) for e in exception_chain(error)
+    )
+
+
+def run_hydra(task_main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` task; errors in the command line itself (an override Hydra cannot parse, a key
+    the config does not have) print as one `error:` line naming the fix and exit with status 2, like
+    every other setting. Hydra's own handler printed them as its message with exit status 1.
+
+    Hydra re-raises instead of printing when HYDRA_FULL_ERROR=1: set here for this process (and the
+    DDP workers it starts); a user who set it keeps the full traceback of these errors too."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    register_resolvers()
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        task_main()
+    except (OverrideParseException, ConfigCompositionException) as e:
+        if full:
+            raise
+        print(f"\nerror: {command_line_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        # Hydra writing the run folder's .hydra/ files, before the task: a full or read-only disk.
+        if full or e.errno not in OUTPUT_ERRNOS:
+            raise
+        where, what = (e.filename, "file") if e.filename else ("(Hydra's .hydra/ config files)", "run folder")
+        print(f"\nerror: {output_error(e, where, what)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_line_message(error: Exception) -> str:
+    """One line for an override Hydra refused, with the likely fix."""
+    from hydra.errors import OverrideParseException
+
+    text = " ".join(str(error).split())
+    if isinstance(error, OverrideParseException):
+        override = error.override
+        if "=" not in override and not override.startswith(("-", "~")):
+            # An unquoted value with a space: the shell split `data.root=/my images` into two arguments.
+            return (
+                f"'{override}' is not a key=value override; if it is the rest of a value with spaces, "
+                "quote the whole override, e.g. 'data.root=\"/data/my images\"'"
+            )
+        return (
+            f"cannot read the override '{override}'; quote a value with spaces or characters other than "
+            "letters, digits and /._-, e.g. 'data.root=\"/data/café photos\"'"
+        )
+    if text.startswith("Could not override '") and "struct" in str(error.__cause__):
+        return _unknown_key_hint(text.split("'")[1], error)
+    return text
+
+
+def _unknown_key_hint(key: str, error: Exception) -> str:
+    parent, _, name = key.rpartition(".")
+    if key == "case.keep":
+        return (
+            "case.keep is not a setting of this case: with case=auto the advisor picks the cut; to choose "
+            "it yourself pick the case too, e.g. case=small_different case.keep=2"
+        )
+    node = getattr(error.__cause__, "parent_node", None)
+    known = [str(k) for k in node] if node is not None and hasattr(node, "keys") else []
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown setting {key}; did you mean {parent}.{close[0]}?"
+    return f"unknown setting {key}; check the spelling, or add a new key with a leading +: +{key}=..."
 
 
 def user_message(error: BaseException) -> str:

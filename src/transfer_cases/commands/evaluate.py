@@ -26,12 +26,12 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from transfer_cases.commands.cli import friendly_errors
+from transfer_cases.commands.cli import friendly_errors, run_hydra
 from transfer_cases.data import ClassificationDataModule, SubsetDataset
 from transfer_cases.training.checkpoint import load_module
 from transfer_cases.utils.atomic import atomic_text, atomic_write, atomic_write_text
 from transfer_cases.utils.checks import check_eval_config
-from transfer_cases.utils.config import instantiate_clean, register_resolvers
+from transfer_cases.utils.config import instantiate_clean
 from transfer_cases.utils.errors import ConfigError, DataError
 from transfer_cases.utils.paths import config_dir
 
@@ -150,8 +150,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_resolvers()
-    _main()
+    run_hydra(_main)
 
 
 if __name__ == "__main__":

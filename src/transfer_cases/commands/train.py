@@ -13,14 +13,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from transfer_cases.advise.auto import resolve_auto_case
-from transfer_cases.commands.cli import friendly_errors, print_config, print_metrics
+from transfer_cases.commands.cli import friendly_errors, print_config, print_metrics, run_hydra
 from transfer_cases.training.build import build
 from transfer_cases.training.diagnose import collapse_warning
 from transfer_cases.training.recipe import fit_phases, measure_best
 from transfer_cases.training.summary import write_summary
 from transfer_cases.utils.atomic import find_user_error
 from transfer_cases.utils.checks import check_train_config
-from transfer_cases.utils.config import register_resolvers
+from transfer_cases.utils.config import record_checked_config
 from transfer_cases.utils.paths import config_dir
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ def _in_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @friendly_errors
 def _main(cfg: DictConfig) -> float | None:
+    check_train_config(cfg)  # a bad setting is one line, not a line under the config tree
+    record_checked_config(cfg)
     print_config(cfg)
     try:
         result = train(cfg)
@@ -104,8 +106,7 @@ def _record_failure(cfg: DictConfig, error: BaseException) -> None:
 
 
 def main() -> None:
-    register_resolvers()
-    _main()
+    run_hydra(_main)
 
 
 if __name__ == "__main__":

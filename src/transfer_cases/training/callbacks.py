@@ -307,6 +307,13 @@ class OptunaSweepCheck(HydraCallback):
                     f"{'trials the search runs' if key == 'n_trials' else 'trials run at once'}); "
                     f"e.g. hydra.sweeper.{key}={12 if key == 'n_trials' else 1}"
                 )
+        metric, direction = config.get("optimized_metric"), sweeper.get("direction")
+        wanted = "minimize" if isinstance(metric, str) and "loss" in metric.rpartition("/")[2] else "maximize"
+        if isinstance(direction, str) and direction != wanted:
+            _exit(
+                f"hydra.sweeper.direction={direction} with optimized_metric={metric}: the search would look "
+                f"for the worst trials; e.g. hydra.sweeper.direction={wanted}"
+            )
         rate = sweeper.get("max_failure_rate", 0.0)
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate <= 1:
             _exit(

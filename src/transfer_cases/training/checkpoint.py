@@ -144,13 +144,24 @@ def check_resumable(checkpoint: dict[str, Any], path: str | Path, module: Transf
         for key in ("keep", "freeze")
         if saved_case.get(key) != here["case"].get(key)
     ]
+    saved_head, head = dict(saved.get("head") or {}), dict(here.get("head") or {})
+    shaping = ("kind", "hidden") if "mlp" in (saved_head.get("kind"), head.get("kind")) else ("kind",)
+    problems += [  # the settings that shape the head's weights (dropout holds none)
+        f"model.head.{key} {saved_head.get(key)!r} there, {head.get(key)!r} here"
+        for key in shaping
+        if saved_head.get(key) != head.get(key)
+    ]
+    saved_body, body = backbone_name(saved.get("backbone") or {}), backbone_name(here.get("backbone") or {})
+    if saved_body != body:
+        problems.append(f"backbone {saved_body} there, {body} here")
     if list(saved.get("class_names") or []) != list(module.class_names):
         problems.append(f"classes {saved.get('class_names')} there, {module.class_names} here")
     state = checkpoint["state_dict"]
     own = module.state_dict()
-    if not problems and set(state) != set(own):
-        problems.append(f"{len(set(state) ^ set(own))} weights differ in name (another backbone?)")
-    if not problems:
+    if set(state) != set(own):
+        names = sorted(set(state) ^ set(own))
+        problems.append(f"{len(names)} weights differ in name, e.g. {names[0]}")
+    else:
         shapes = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
         if shapes:
             k = shapes[0]

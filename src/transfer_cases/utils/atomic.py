@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transfer_cases.utils.errors import OutputError, TransferCasesError
 
 # What a user can fix by pointing the output elsewhere or freeing space.
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 @contextmanager
@@ -183,7 +183,7 @@ def find_user_error(error: BaseException) -> BaseException:
         if isinstance(current, TransferCasesError):
             return current
         current = current.__cause__ or current.__context__
-    if isinstance(error, OSError) and error.errno in _OUTPUT_ERRNOS and error.filename:
+    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS and error.filename:
         return output_error(error, error.filename, "file")
     return error
 

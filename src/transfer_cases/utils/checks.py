@@ -296,6 +296,36 @@ def project_path(value: Any, key: str) -> Any:
     return value if path.is_absolute() else str((config_dir().parent / path).resolve())
 
 
+def crop_scale(value: Any, key: str) -> Any:
+    """A (low, high) pair of image-area fractions with 0 < low <= high <= 1, or null (a fixed centre crop)."""
+    pair = list(value) if isinstance(value, ListConfig | list | tuple) else None
+    if value is None or (
+        pair and len(pair) == 2 and all(_is_number(v) for v in pair) and 0 < pair[0] <= pair[1] <= 1
+    ):
+        return value
+    raise ConfigError(
+        f"{key}={value!r} is not a (low, high) pair with 0 < low <= high <= 1 (fractions of the image "
+        f"area); e.g. {key}=[0.5,1.0], or {key}=null for a fixed centre crop"
+    )
+
+
+def widths(value: Any, key: str) -> Any:
+    """Channel widths of a stack of stages: a non-empty list of whole numbers >= 1."""
+    items = list(value) if isinstance(value, ListConfig | list) else None
+    if items and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in items):
+        return value
+    raise ConfigError(
+        f"{key}={value!r} is not a list of channel widths (whole numbers >= 1); e.g. {key}=[8,16,32]"
+    )
+
+
+def folder(value: Any, key: str) -> Any:
+    """A folder path: a non-empty string (null would be written as the folder 'None')."""
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(f"{key}={value!r} is not a folder path; e.g. {key}=/tmp/transfer-cache")
+
+
 # The metrics TransferModule logs once per epoch (module.py, `_log_epoch`): what a checkpoint can monitor.
 EPOCH_METRICS = ("val/acc", "val/f1", "val/loss", "train/acc", "train/loss_epoch")
 SEED = whole(0, 2**32 - 1, example=42)  # numpy's seed range
@@ -335,6 +365,9 @@ TRAIN_SETTINGS: dict[str, Rule] = {
     "callbacks.last_checkpoint.min_interval_s": number(0, example=10),
     "callbacks.freeze_guard.check_interval_s": number(0, example=10),
     "paths.data_dir": project_path,
+    "data.random_crop_scale": crop_scale,
+    "backbone.widths": widths,
+    "cache.dir": folder,
     "data.download": boolean,
 }
 

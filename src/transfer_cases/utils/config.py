@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -36,3 +37,20 @@ def instantiate_clean(cfg: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+def record_checked_config(cfg: DictConfig) -> None:
+    """Rewrite the run's `.hydra/config.yaml` with the checked config when the checks normalised a value
+    (`cache.enabled=no` to false, a checkpoint `mode` following its metric): Hydra saved the config as
+    composed, before the checks, and the file must say what the run used."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from transfer_cases.utils.atomic import atomic_write_text
+
+    if not HydraConfig.initialized() or not HydraConfig.get().output_subdir:
+        return
+    runtime = HydraConfig.get().runtime.output_dir
+    path = Path(runtime) / HydraConfig.get().output_subdir / "config.yaml"
+    text = OmegaConf.to_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        atomic_write_text(path, text, what="run config")
