@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -66,17 +67,18 @@ def test_last_checkpoint_is_every_epochs_even_when_the_metric_never_improves(
 
 
 class SaveLog:
-    """The epoch of every last.ckpt that `LastCheckpoint` writes."""
+    """The epoch of every last.ckpt written (through the public `Trainer.save_checkpoint`)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.epochs: list[int] = []
-        save = LastCheckpoint._save_checkpoint
+        save = L.Trainer.save_checkpoint
 
-        def spy(callback: LastCheckpoint, trainer: Any, filepath: str) -> None:
-            self.epochs.append(trainer.current_epoch)
-            save(callback, trainer, filepath)
+        def spy(trainer: L.Trainer, filepath: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(filepath).name == "last.ckpt":
+                self.epochs.append(trainer.current_epoch)
+            save(trainer, filepath, *args, **kwargs)
 
-        monkeypatch.setattr(LastCheckpoint, "_save_checkpoint", spy)
+        monkeypatch.setattr(L.Trainer, "save_checkpoint", spy)
 
 
 def test_fast_epochs_save_last_checkpoint_once_at_the_end_and_it_resumes(
@@ -103,8 +105,8 @@ def test_fast_epochs_save_last_checkpoint_once_at_the_end_and_it_resumes(
 
 
 def test_last_checkpoint_interval_must_be_seconds() -> None:
-    with pytest.raises(ConfigError, match=r"min_interval_s=-1 must be a number of seconds >= 0 .*=10"):
-        LastCheckpoint(min_interval_s=-1)
+    with pytest.raises(ConfigError, match=r"min_interval_s=-1 must be a number >= 0; e\.g\. .*=10"):
+        LastCheckpoint(dirpath="checkpoints", min_interval_s=-1)
 
 
 def test_resume_continues_at_the_next_epoch_and_keeps_the_metrics_history(

@@ -74,11 +74,12 @@ def test_an_error_raised_inside_instantiate_comes_out_as_itself() -> None:
         {
             "last_checkpoint": {
                 "_target_": "transfer_cases.training.callbacks.LastCheckpoint",
+                "dirpath": "checkpoints",
                 "min_interval_s": "abc",
             }
         }
     )
-    with deadline(30), pytest.raises(ConfigError, match=r"min_interval_s='abc' must be a number of seconds"):
+    with deadline(30), pytest.raises(ConfigError, match=r"min_interval_s='abc' must be a number >= 0"):
         instantiate_list(callbacks)
 
 

@@ -16,12 +16,13 @@ import lightning as L
 import torch
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback as HydraCallback
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from transfer_cases.training.loggers import HistoryCSVLogger
 from transfer_cases.training.module import TransferModule
+from transfer_cases.utils.checks import number
 from transfer_cases.utils.digest import tensor_digest
 from transfer_cases.utils.errors import ConfigError
 
@@ -235,51 +236,44 @@ class MetricsHistory(L.Callback):
                     )
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(Checkpoint):
     """`last.ckpt` after finished epochs, whatever the metric did, for `ckpt_path=` resumes.
 
-    A checkpoint holds the whole model and optimizer (about 50 ms for MobileNetV2 on a 2-core CPU):
-    nothing next to a fine-tuning epoch, most of the time of a head trained on cached features (50
-    epochs of ~45 ms). So an epoch's checkpoint is skipped while the previous one is less than
-    `min_interval_s` seconds old, and the final epoch's is always written (at the end of training, as
-    Lightning's `save_last` does). An interruption then loses at most the unfinished epoch plus
-    `min_interval_s` of training; `min_interval_s: 0` writes every epoch. Under DDP every rank follows
-    rank 0's clock, since a save is a collective call.
+    `ModelCheckpoint(save_last=True)` rewrites last.ckpt only when its monitored metric improves
+    (Lightning 2.6; Lightning-AI/pytorch-lightning#7138 asks for the epoch-wise one), so a resume would
+    silently redo epochs. A checkpoint holds the whole model and optimizer, which costs most of the
+    time of a head trained on cached features: an epoch's checkpoint is skipped while the previous one
+    is less than `min_interval_s` seconds old, and the final state is always written when training
+    ends. An interruption then loses at most the unfinished epoch plus `min_interval_s` of training;
+    `min_interval_s: 0` writes every epoch. Under DDP every rank follows rank 0's clock, since a save
+    is a collective call. A `Checkpoint`, so Lightning runs it after the other callbacks (the best
+    `ModelCheckpoint` included): last.ckpt holds their state of the same epoch.
     """
 
-    def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
-        if (
-            isinstance(min_interval_s, bool)
-            or not isinstance(min_interval_s, (int, float))
-            or min_interval_s < 0
-        ):
-            raise ConfigError(
-                f"callbacks.last_checkpoint.min_interval_s={min_interval_s!r} must be a number of "
-                "seconds >= 0 (0 writes last.ckpt after every epoch); "
-                "e.g. callbacks.last_checkpoint.min_interval_s=10"
-            )
-        super().__init__(*args, **kwargs)
-        self.min_interval_s = float(min_interval_s)
+    def __init__(self, dirpath: str | Path, filename: str = "last", min_interval_s: float = 0.0) -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.min_interval_s = number(0, example=10)(
+            min_interval_s, "callbacks.last_checkpoint.min_interval_s"
+        )
         self._saved_at = time.monotonic()
-        self._pending = False
+        self._saved_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._saved_at, self._pending = time.monotonic(), False
+        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
-    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         recent = time.monotonic() - self._saved_at < self.min_interval_s
-        if trainer.strategy.broadcast(recent, src=0):
-            self._pending = True
-            return
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
-        self._saved_at, self._pending = time.monotonic(), False
+        if not trainer.strategy.broadcast(recent, src=0):
+            self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if self._pending:  # the last epochs came too soon after a save: write the final state now
-            super()._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-            self._pending = False
+        self._save(trainer)  # the final state, unless that epoch's was just written
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
 
 class OptunaSweepCheck(HydraCallback):
