@@ -29,6 +29,7 @@ class OptunaPruning(Callback):
         self._trial: Any = None
 
     def _find_trial(self) -> Any:
+        from transfer_cases.sweeps.study import uncached
         from transfer_cases.sweeps.sweeper import ENV_STORAGE, ENV_STUDY, ENV_TRIAL
 
         if self._trial is None and all(k in os.environ for k in (ENV_STORAGE, ENV_STUDY, ENV_TRIAL)):
@@ -37,7 +38,7 @@ class OptunaPruning(Callback):
             study = optuna.load_study(
                 study_name=os.environ[ENV_STUDY], storage=os.environ[ENV_STORAGE], pruner=_pruner()
             )
-            self._trial = optuna.trial.Trial(study, int(os.environ[ENV_TRIAL]))
+            self._trial = optuna.trial.Trial(uncached(study), int(os.environ[ENV_TRIAL]))
         return self._trial
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

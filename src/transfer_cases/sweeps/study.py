@@ -11,12 +11,14 @@ older than the storage's grace period.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import socket
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +47,44 @@ def absolute_url(storage: str | None) -> str | None:
 
 
 def open_storage(url: str | None, heartbeat_interval: int | None = 60) -> optuna.storages.BaseStorage:
-    """The study's storage: None is in memory (lost with the process); an SQLite file is created with its
-    folder and waits up to a minute for a lock another worker holds; other RDB URLs (postgresql://,
+    """The study's storage: None is in memory (lost with the process); an SQLite file (its folder made by
+    `creation_lock`) waits up to a minute for a lock another worker holds; other RDB URLs (postgresql://,
     mysql://) are passed to Optuna as they are."""
     if url is None:
         return optuna.storages.InMemoryStorage()
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval
         )
+
+
+def uncached(study: optuna.Study) -> optuna.Study:
+    """The study reading its storage directly. Optuna wraps an RDB storage in a cache that keeps the
+    trials this process asked as it last wrote them: what a job (another storage object, maybe another
+    process) reported to them, or another worker did, would not be seen."""
+    study._storage = getattr(study._storage, "_backend", study._storage)
+    return study
+
+
+@contextlib.contextmanager
+def creation_lock(url: str | None) -> Iterator[None]:
+    """Held while a worker opens an SQLite study: two workers starting together would both create its
+    tables ("table already exists") or the study itself. Other databases serialise this themselves."""
+    if not (url and url.startswith("sqlite:///")):
+        yield
+        return
+    path = Path(url[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def counted(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:

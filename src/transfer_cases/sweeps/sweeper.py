@@ -105,16 +105,21 @@ class OptunaStudySweeperImpl(OptunaSweeperImpl):
         self._write_results(study, directions)
 
     def _open_study(self, directions: list[str], names: list[str]) -> optuna.Study:
-        storage = studies.open_storage(self.storage, self.heartbeat_interval)
-        study = optuna.create_study(
-            study_name=self.study_name, storage=storage, sampler=self.sampler, pruner=self.pruner,
-            directions=directions, load_if_exists=True,
-        )  # fmt: skip
-        search = {"params": names, "directions": directions}
-        started = study.user_attrs.get(studies.SEARCH)
-        if started is None:
-            study.set_user_attr(studies.SEARCH, search)
-        elif started != search:
+        with studies.creation_lock(self.storage):
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=studies.open_storage(self.storage, self.heartbeat_interval),
+                sampler=self.sampler,
+                pruner=self.pruner,
+                directions=directions,
+                load_if_exists=True,
+            )
+            studies.uncached(study)
+            search = {"params": names, "directions": directions}
+            started = study.user_attrs.get(studies.SEARCH)
+            if started is None:
+                study.set_user_attr(studies.SEARCH, search)
+        if started is not None and started != search:
             _exit(
                 f"study {study.study_name} in {self.storage} searches {started['params']} "
                 f"({', '.join(started['directions'])}), not {names} ({', '.join(directions)}); continue it "
