@@ -290,7 +290,7 @@ def test_a_full_disk_for_the_cache_trains_on_the_features_in_memory(
     monkeypatch.setattr(torch, "save", full)
     with caplog.at_level(logging.WARNING):
         _, dm = cached(root, images, weights)
-    assert dm.report["files"]["train"] == {"path": None, "hit": False}
+    assert dm.report["files"]["train"] == {"path": None, "hit": False, "extraction": "fp32"}
     assert len(dm.train_dataset) == len(dm.images.train_dataset)
     assert "no space left on device" in caplog.text and "in memory" in caplog.text
     assert not [p for p in (root / "cache").iterdir() if not p.name.endswith(".lock")]  # no partial file

@@ -4,6 +4,11 @@ Nothing finished is lost: the output location is checked before any work, rows a
 by batch (an interruption or a full disk keeps the whole batches finished, never a row cut mid-line),
 and an unreadable image gets a row with its `error` instead of ending the run; every bad file is named
 at the end. File names that are not valid UTF-8 are written as their original bytes.
+
+`--backend` chooses the engine of the body (`features.backend`): `auto` runs it on onnxruntime on a
+CPU when installed and the folder is work enough to repay the body's one-time export (kept in
+`--cache-dir`, shared with training's feature cache), else on torch as `transfer-eval` does; the head
+always runs on torch. A body onnxruntime cannot run falls back to torch with one warning.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,13 +28,17 @@ from transfer_cases.commands.cli import friendly_errors
 from transfer_cases.data.imagefolder import is_image_file
 from transfer_cases.data.sources import open_image
 from transfer_cases.data.transforms import eval_transform
+from transfer_cases.features.backend import BACKENDS, check_backend, choose_backend
+from transfer_cases.features.cached import MODELS_DIR
 from transfer_cases.training.checkpoint import load_module
 from transfer_cases.training.module import TransferModule
 from transfer_cases.utils.atomic import atomic_pieces
 from transfer_cases.utils.checks import check_writable_dir
 from transfer_cases.utils.errors import ConfigError, DataError, OutputError
 
+log = logging.getLogger(__name__)
 FIELDS = ("file", "class", "probability", "error")
+DEFAULT_CACHE_DIR = Path(".cache/features")  # training's default cache.dir (paths.cache_dir=.cache)
 
 
 def list_images(target: Path) -> list[Path]:
@@ -55,16 +65,50 @@ def check_batch_size(batch_size: object) -> int:
     return batch_size
 
 
+def body_runner(
+    module: TransferModule, images: int, backend: str = "auto", cache_dir: str | Path = DEFAULT_CACHE_DIR
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's body as `backend` runs it for `images` images: images -> pooled features.
+
+    On onnxruntime, a body that cannot be exported or run falls back to torch at the first batch."""
+    chosen, why = choose_backend(
+        backend, torch.device("cpu"), images, module.preprocess.crop_size, "--backend"
+    )
+    log.info("predict: body on %s (%s)", chosen, why)
+    if chosen == "torch":
+        return module.forward_features
+    from transfer_cases.features.onnx_body import BackendUnavailable, OnnxBody
+
+    body = OnnxBody(module.backbone, Path(cache_dir).expanduser() / MODELS_DIR)
+    state = {"run": body}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        try:
+            return state["run"](x)
+        except BackendUnavailable as e:
+            log.warning("onnxruntime backend: %s; running the body on torch", e)
+            state["run"] = module.forward_features
+            return module.forward_features(x)
+
+    return run
+
+
 @torch.inference_mode()
 def iter_predictions(
-    module: TransferModule, images: Sequence[Path], batch_size: int = 32
+    module: TransferModule,
+    images: Sequence[Path],
+    batch_size: int = 32,
+    backend: str = "auto",
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
 ) -> Iterator[list[dict[str, object]]]:
     """Rows batch by batch: `file`, predicted `class`, its `probability`, and `error` ('' when fine).
 
     An image that cannot be read gets a row with empty class and probability and the reason in
-    `error`; the others are predicted as usual (preprocessed as in validation).
+    `error`; the others are predicted as usual (preprocessed as in validation), the body on
+    `backend` (see `body_runner`).
     """
     check_batch_size(batch_size)
+    features = body_runner(module, len(images), backend, cache_dir)
     transform = eval_transform(module.preprocess)
     with tqdm(total=len(images), desc="predict", unit="img", disable=len(images) < 2 * batch_size) as bar:
         for batch in _batches(images, batch_size):
@@ -77,7 +121,8 @@ def iter_predictions(
                 except (DataError, OSError) as e:
                     rows[path] = {"file": str(path), "class": "", "probability": "", "error": str(e)}
             if tensors:
-                conf, idx = module(torch.stack(tensors)).softmax(dim=1).max(dim=1)
+                logits = module.forward_head(features(torch.stack(tensors)))
+                conf, idx = logits.softmax(dim=1).max(dim=1)
                 for path, c, i in zip(readable, conf.tolist(), idx.tolist(), strict=True):
                     rows[path] = {
                         "file": str(path),
@@ -89,11 +134,17 @@ def iter_predictions(
             yield [rows[p] for p in batch]
 
 
-def predict(ckpt: str | Path, target: str | Path, batch_size: int = 32) -> list[dict[str, object]]:
+def predict(
+    ckpt: str | Path,
+    target: str | Path,
+    batch_size: int = 32,
+    backend: str = "auto",
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+) -> list[dict[str, object]]:
     """One row per image (see `iter_predictions`), in file order."""
     check_batch_size(batch_size)
     module, images = load_module(ckpt), list_images(Path(target))
-    return [row for rows in iter_predictions(module, images, batch_size) for row in rows]
+    return [row for rows in iter_predictions(module, images, batch_size, backend, cache_dir) for row in rows]
 
 
 def check_output(out: Path | None) -> None:
@@ -144,11 +195,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("images", type=Path, help="an image or a folder of images (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="the body engine: auto (onnxruntime on a CPU when installed and worth it), torch, onnxruntime",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        help=f"where the body exported for onnxruntime is kept (default: {DEFAULT_CACHE_DIR}, as training's)",
+    )
     args = parser.parse_args(argv)
     check_batch_size(args.batch_size)
+    check_backend(args.backend, "--backend")
     check_output(args.out)
     module, images = load_module(args.ckpt), list_images(args.images)
-    predictions = iter_predictions(module, images, args.batch_size)
+    predictions = iter_predictions(module, images, args.batch_size, args.backend, args.cache_dir)
     if args.out:
         with atomic_pieces(args.out, what="predictions CSV", setting="--out") as commit:
             failed = write_predictions(predictions, commit)

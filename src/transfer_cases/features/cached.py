@@ -4,7 +4,10 @@ The cache key holds everything that changes the features: the body's structure a
 buffer (so the architecture, the cut and the weights file), the data (file paths, sizes, modification
 times or, with `stamp="content"`, content hashes, and the chosen subset), the transform
 (preprocessing, image size, augmentation settings), the augmented view and its seed, and the
-numerics of the extraction pass.
+numerics of the extraction pass, which name its engine (`onnxruntime_fp32`, or torch's settings).
+
+A body that onnxruntime cannot run (it does not export, an operator is missing, its output differs)
+is extracted by torch in the pass's fallback numerics, under their own key, with one warning.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from torch.utils.data import DataLoader
 from transfer_cases.data.sources import stamping
 from transfer_cases.data.splits import Stream
 from transfer_cases.features.extract import Extraction, extract
+from transfer_cases.features.onnx_body import BackendUnavailable
 from transfer_cases.features.store import FeatureSet, FeatureStore
 from transfer_cases.utils.digest import tensor_digest
 
 log = logging.getLogger(__name__)
+MODELS_DIR = "onnx"  # exported bodies, in the feature store's folder
+_warned: set[str] = set()  # bodies whose fallback was already logged by this process
 
 # Bumped when the meaning of a stored file changes, so older files are never read as current ones.
 FEATURES_VERSION = 2  # 2: stored in float32 (float16 flushed a random body's small activations to zero)
@@ -61,9 +67,10 @@ def cached_features(
     """
     with stamping(stamp):
         data = dataset.fingerprint()
+    fingerprint = body_fingerprint(body)
     parts = {
         "version": FEATURES_VERSION,
-        "body": body_fingerprint(body),
+        "body": fingerprint,
         "extraction": numerics.name,
         "stored_dtype": str(STORED_DTYPE),
         "data": data,
@@ -87,9 +94,41 @@ def cached_features(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream)
             desc = f"{label} ({numerics.name})"
-            f, y = extract(body, loader, device, numerics, desc=desc, total=len(dataset))
+            f, y = extract(
+                body,
+                loader,
+                device,
+                numerics,
+                desc=desc,
+                total=len(dataset),
+                models_dir=store.root / MODELS_DIR,
+                fingerprint=fingerprint,
+            )
         return FeatureSet(f.to(STORED_DTYPE), y)
 
-    fs, hit, path = store.get_or_build(parts, build)
+    try:
+        fs, hit, path = store.get_or_build(parts, build)
+    except BackendUnavailable as e:
+        if numerics.fallback is None:
+            raise
+        if fingerprint not in _warned:
+            _warned.add(fingerprint)
+            log.warning(
+                "%s backend: %s; extracting with torch (%s)", numerics.backend, e, numerics.fallback.name
+            )
+        return cached_features(
+            store,
+            body,
+            dataset,
+            device=device,
+            numerics=numerics.fallback,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            view=view,
+            seed=seed,
+            label=label,
+            stamp=stamp,
+        )
     log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path or "(not stored)")
+    fs.extraction = numerics.name
     return fs, hit, path

@@ -11,7 +11,9 @@ once the body holds the weights it continues with.
 Numerics: the training split is extracted in the fastest setting (`extraction`); val and test in
 `eval_extraction` (`channels_last` by default: fp32 arithmetic in the NHWC layout, the faster fp32 pass on
 CPUs), the numerics `transfer-eval`, `transfer-predict` and the export run up to float rounding, so the
-logged val/acc and the best checkpoint's choice are those of the deployed model.
+logged val/acc and the best checkpoint's choice are those of the deployed model. The engine is
+`backend` (`features.backend`): with onnxruntime, the fp32 settings run there in fp32, once per run
+chosen for all splits and logged in one line.
 
 Augmentation: with `train_views=0` the head trains on the un-augmented view of each training image
 (one pass over the data, the cheapest). With `train_views=K`, K augmented views of each training
@@ -23,6 +25,7 @@ on-line augmentation; with a frozen body and a linear head, the gain is usually 
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +35,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.data.sources import STAMPS
+from transfer_cases.features.backend import check_backend, choose_backend
 from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureSet, FeatureStore
 from transfer_cases.utils.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
 EVAL_ROWS = 4096  # feature rows per evaluation batch: 20 MB of 1280-d fp32 features
 
 
@@ -53,6 +58,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         eval_extraction: numerics of the val and test splits' pass (the deployed model's: fp32 arithmetic).
         batch_size: images per extraction batch (training batches keep the data module's batch size).
         stamp: how the cache key identifies image files (`data.sources.STAMPS`).
+        backend: the engine of the passes: auto, torch or onnxruntime (`features.backend`).
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         batch_size: int = 64,
         eval_extraction: str = "channels_last",
         stamp: str = "mtime",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if not body.fully_frozen:
@@ -77,6 +84,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.eval_extraction = eval_extraction
         self.batch_size = batch_size
         self.stamp = stamp
+        self.backend = check_backend(backend)
         self.train_dataset: FeatureRows | None = None
         self.val_dataset: FeatureRows | None = None
         self.test_dataset: FeatureRows | None = None
@@ -101,9 +109,25 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.images.setup(stage)
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        numerics = resolve_extraction(self.extraction, device)
-        eval_numerics = resolve_extraction(self.eval_extraction, device, "cache.eval_extraction")
+        test = self.images.test_dataset
+        splits = [self.images.train_dataset, self.images.val_dataset, *([test] if test is not None else [])]
+        images = len(splits[0]) * max(1, self.train_views) + sum(len(d) for d in splits[1:])
+        backend, why = choose_backend(self.backend, device, images, self.images.preprocess.crop_size)
+        strict = self.backend != "auto"
+        numerics = resolve_extraction(self.extraction, device, backend=backend, strict=strict)
+        eval_numerics = resolve_extraction(
+            self.eval_extraction, device, "cache.eval_extraction", backend=backend, strict=strict
+        )
+        log.info(
+            "feature extraction on %s: train %s, val/test %s (%s)",
+            backend,
+            numerics.name,
+            eval_numerics.name,
+            why,
+        )
         self.report = {
+            "backend": backend,
+            "backend_why": why,
             "extraction": numerics.name,
             "eval_extraction": eval_numerics.name,
             "dir": str(self.store.root),
@@ -125,7 +149,13 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 label=f"extracting {label} features",
                 stamp=self.stamp,
             )
-            self.report["files"][label] = {"path": path and str(path), "hit": hit}
+            self.report["files"][label] = {
+                "path": path and str(path),
+                "hit": hit,
+                "extraction": fs.extraction,
+            }
+            if fs.extraction != (numerics if split == "train" else eval_numerics).name:  # a fallback
+                self.report["extraction" if split == "train" else "eval_extraction"] = fs.extraction
             return fs
 
         train = self.images.train_dataset
@@ -136,7 +166,6 @@ class CachedFeatureDataModule(L.LightningDataModule):
             train_fs = FeatureSet(torch.stack([v.features for v in views], dim=1), views[0].labels)
         self.train_dataset = _tensors(train_fs)
         self.val_dataset = _tensors(features("val", self.images.val_dataset, None))
-        test = self.images.test_dataset
         self.test_dataset = None if test is None else _tensors(features("test", test, None))
 
     def _eval_copy(self, dataset: Dataset) -> Dataset:
@@ -200,6 +229,8 @@ class FeatureCache:
         eval_extraction: the val and test splits' numerics (fp32 arithmetic: what the deployed model runs).
         stamp: how the cache key identifies image files: mtime (path, size, modification time) or
             content (a hash of every byte: sees files swapped with their mtimes kept, reads them all).
+        backend: the engine of the frozen body's passes: `auto` (onnxruntime on a CPU when installed
+            and the run has enough images, else torch), `torch`, or `onnxruntime` (`features.backend`).
     """
 
     def __init__(
@@ -211,6 +242,7 @@ class FeatureCache:
         batch_size: int = 64,
         eval_extraction: str = "channels_last",
         stamp: str = "mtime",
+        backend: str = "auto",
     ) -> None:
         if isinstance(train_views, bool) or not isinstance(train_views, int) or train_views < 0:
             raise ConfigError(
@@ -222,9 +254,11 @@ class FeatureCache:
                 f"cache.batch_size={batch_size!r} must be a positive integer (images per extraction batch); "
                 "e.g. cache.batch_size=64"
             )
-        # Unknown names fail now, not after minutes of extraction.
-        resolve_extraction(extraction, torch.device("cpu"))
-        resolve_extraction(eval_extraction, torch.device("cpu"), "cache.eval_extraction")
+        # Unknown names, and settings that contradict each other, fail now, not after minutes of extraction.
+        self.backend = check_backend(backend)
+        strict = {"backend": self.backend, "strict": self.backend != "auto"}
+        resolve_extraction(extraction, torch.device("cpu"), **strict)
+        resolve_extraction(eval_extraction, torch.device("cpu"), "cache.eval_extraction", **strict)
         self.enabled = enabled
         self.store = FeatureStore(dir)
         self.train_views = train_views
@@ -251,4 +285,5 @@ class FeatureCache:
             self.batch_size,
             self.eval_extraction,
             self.stamp,
+            self.backend,
         )

@@ -33,11 +33,13 @@ FORMAT = "transfer-cases-features/1"
 class FeatureSet:
     """Pooled features of one split (and view) with their labels.
 
-    `features` is (N, C), or (N, V, C) for V augmented views of each training image.
+    `features` is (N, C), or (N, V, C) for V augmented views of each training image; `extraction`
+    names the pass that computed them (set by `cached_features`, not stored: the key holds it).
     """
 
     features: torch.Tensor
     labels: torch.Tensor
+    extraction: str | None = None
 
     def digest(self) -> str:
         return tensor_digest([("features", self.features), ("labels", self.labels)])
