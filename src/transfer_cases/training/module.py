@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -18,6 +20,22 @@ from transfer_cases.training.heads import make_head
 from transfer_cases.training.preprocess import Preprocess
 from transfer_cases.utils.config import instantiate_clean, to_dict
 from transfer_cases.utils.errors import ConfigError
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training\."
+
+
+@contextmanager
+def frozen_eval_mode_expected() -> Iterator[None]:
+    """Around `trainer.fit`: Lightning warns at every fit that modules are in eval mode, which the
+    frozen stages are by design (their BatchNorm statistics must not move). The template warns
+    itself about trainable modules left in eval mode (`_train_mode_for_training`), so this one
+    message, by its exact text, is not shown while the block runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training\."
+        )
+        yield
+
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 1e-4}
 
@@ -86,7 +104,6 @@ class TransferModule(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         # Losses averaged over the epoch's samples (weighted by batch size), synced across ranks.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self._eval_mode_warning: warnings.catch_warnings | None = None
         self._training_before_eval = True  # see on_validation_model_eval
         # "fit", or "probe" during LP-FT's head warm-up (see recipe.py); saved in checkpoints so that
         # a resume restores the phase it was in (`resume_phase`, set by `build`).
@@ -173,9 +190,6 @@ class TransferModule(L.LightningModule):
             logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
 
     def on_train_start(self) -> None:
-        if self._eval_mode_warning is not None:
-            self._eval_mode_warning.__exit__(None, None, None)
-            self._eval_mode_warning = None
         if self.trainer.ckpt_path and self.hparams.scheduler:
             self._replan_restored_schedule()
 
@@ -244,13 +258,6 @@ class TransferModule(L.LightningModule):
                 f"(in {', '.join(outermost)}), as in a module from checkpoint.load_module; put them in "
                 "train mode so that dropout and the BatchNorm statistics of the trained layers work "
                 "as in training"
-            )
-        frozen = sum(not m.training for m in self.modules())
-        if frozen and self._eval_mode_warning is None:
-            self._eval_mode_warning = warnings.catch_warnings()
-            self._eval_mode_warning.__enter__()
-            warnings.filterwarnings(
-                "ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training\."
             )
 
     # Epoch metrics are torchmetrics states updated every step and logged once, at the epoch's end:

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, open_dict
 
 from transfer_cases.commands.cli import instantiate_list
-from transfer_cases.training.module import TransferModule
+from transfer_cases.training.module import TransferModule, frozen_eval_mode_expected
 from transfer_cases.utils.config import instantiate_clean
 
 PROBE, FIT = "probe", "fit"
@@ -121,7 +121,8 @@ def phase_data(cfg: DictConfig, module: TransferModule, images: Any) -> Any:
 def _fit(cfg: DictConfig, module: TransferModule, datamodule: Any, ckpt_path: str | None) -> L.Trainer:
     """One `trainer.fit` with the config's trainer, callbacks and loggers, made afresh for the phase."""
     trainer = make_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    with frozen_eval_mode_expected():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return trainer
 
 
