@@ -16,6 +16,7 @@ import lightning as L
 import optuna
 import pytest
 import yaml
+from lightning.pytorch.trainer.states import TrainerFn
 from optuna.trial import TrialState
 
 from tests.test_configs import TINY_OVERRIDES, cli_env, run_cli
@@ -82,6 +83,7 @@ def test_a_trial_asked_after_the_others_filled_n_trials_is_surplus(tmp_path: Pat
 def fake_trainer(value: float) -> SimpleNamespace:
     return SimpleNamespace(
         sanity_checking=False,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
         is_global_zero=True,
         callback_metrics={"val/acc": value},
         strategy=SimpleNamespace(broadcast=lambda x, src=0: x),
@@ -247,3 +249,33 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path, image_fold
     assert [p.parent.name for p in jobs] == ["0_small_similar", "1_small_similar"]
     assert all(yaml.safe_load(p.read_text())["status"] == "ok" for p in jobs)
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # each ran as a submitit job
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_stops_early_and_is_told_as_pruned(tmp_path: Path, image_folder: Path) -> None:
+    # A pruner that prunes any val/acc below 2: every trial stops after its first epoch of three.
+    sweep = tmp_path / "search"
+    run = run_cli(
+        "transfer-train",
+        "-m",
+        "hparams_search=small_similar_optuna",
+        *TINY_OVERRIDES,
+        "debug=limit",
+        "trainer.max_epochs=3",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"data.root={image_folder}",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweeper.n_trials=2",
+        "~hydra.sweeper.pruner",
+        "+hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "+hydra.sweeper.pruner.lower=2.0",
+        cwd=tmp_path,
+        fresh=True,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "error: all 2 trials of the search were pruned or failed (2 pruned, 0 failed)" in run.stderr
+    found = trials(sweep)
+    assert [t.state for t in found] == [TrialState.PRUNED] * 2
+    assert all(t.system_attrs[studies.PRUNED_AT] == 0 and t.value is not None for t in found)
+    summaries = [yaml.safe_load(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert [s["epochs"] for s in summaries] == [1, 1]

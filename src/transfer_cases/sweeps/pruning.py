@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class OptunaPruning(Callback):
         return self._trial
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return  # not the sanity check, nor the validation of the best checkpoint after the fit
         prune = False
         if trainer.is_global_zero and self.monitor in trainer.callback_metrics:
             trial = self._find_trial()

@@ -193,8 +193,12 @@ class OptunaStudySweeperImpl(OptunaSweeperImpl):
                 None,
             )
             example = f" (e.g. {where}/summary.json)" if where else ""
+            pruned = len(trials) - len(failed)
+            what = (
+                "failed" if not pruned else f"were pruned or failed ({pruned} pruned, {len(failed)} failed)"
+            )
             _exit(
-                f"all {len(trials)} trials of the search failed, so it has no best parameters; "
+                f"all {len(trials)} trials of the search {what}, so it has no best parameters; "
                 f"each trial's error is in its summary.json{example}"
             )
         counts = {
