@@ -17,7 +17,7 @@ NAMED_TEST = re.compile(r"`(?:tests/)?(test_\w+\.py)::(\w+)(?:\[[^`]*\])?`")
 
 
 def pages() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", ROOT / "notebooks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def anchors(page: Path) -> set[str]:
