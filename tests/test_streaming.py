@@ -1,0 +1,88 @@
+"""Streaming shards (LitData) as a data source: written from a folder they hold the same images in the
+same order, train to the same result, key the feature cache by their chunks, and a truncated shard
+is one error naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_configs import TINY_OVERRIDES, run_cli
+from transfer_cases.commands import shards
+from transfer_cases.data import ImageFolderDataModule
+from transfer_cases.data.streaming import ShardDataModule
+from transfer_cases.utils.errors import DataError
+
+pytest.importorskip("litdata")
+
+
+@pytest.fixture
+def shard_folder(tmp_path: Path, image_folder: Path) -> Path:
+    out = tmp_path / "shards"
+    shards.main([str(image_folder), str(out), "--chunk-bytes", "20KB"])
+    return out
+
+
+def test_shards_hold_the_folders_images_in_its_order(shard_folder: Path, image_folder: Path) -> None:
+    folder, streamed = ImageFolderDataModule(root=image_folder), ShardDataModule(root=shard_folder)
+    assert streamed.classes == folder.classes
+    want, got = folder._load_splits(), streamed._load_splits()
+    for split in ("train", "val"):
+        a, b = getattr(want, split), getattr(got, split)
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        assert len(b.chunks) > 1  # several shards, read across their boundaries
+        np.testing.assert_array_equal(a.labels, b.labels)
+        for i in range(len(a)):
+            np.testing.assert_array_equal(np.asarray(a.load(i)), np.asarray(b.load(i)))
+
+
+def test_the_cache_key_follows_the_shards(shard_folder: Path) -> None:
+    before = ShardDataModule(root=shard_folder)._load_splits().train.fingerprint()
+    assert ShardDataModule(root=shard_folder)._load_splits().train.fingerprint() == before
+    chunk = sorted((shard_folder / "train").glob("*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes())  # same bytes, new mtime: a rewritten shard
+    assert ShardDataModule(root=shard_folder)._load_splits().train.fingerprint() != before
+
+
+def test_a_truncated_shard_is_one_error_naming_it(shard_folder: Path) -> None:
+    chunk = sorted((shard_folder / "train").glob("*.bin"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:-100])
+    with pytest.raises(DataError, match=rf"shard {chunk} is \d+ bytes but its index.json says \d+"):
+        ShardDataModule(root=shard_folder)._load_splits()
+
+
+def test_the_shard_command_refuses_a_folder_that_is_not_empty(tmp_path: Path, image_folder: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        shards.main([str(image_folder), str(tmp_path / "out")])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.slow
+def test_training_from_shards_gives_the_folders_result(tmp_path: Path, image_folder: Path) -> None:
+    out = tmp_path / "shards"
+    made = run_cli("transfer-shards", str(image_folder), str(out), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    metrics = {}
+    for name, data in (("folder", f"data.root={image_folder}"), ("shards", f"data.root={out}")):
+        extra = ["data=shards"] if name == "shards" else []
+        run = run_cli(
+            "transfer-train",
+            *extra,
+            data,
+            "case=large_similar",  # fine-tunes on images: every epoch reads the shards
+            *TINY_OVERRIDES,
+            "debug=limit",
+            "callbacks.progress_bar.refresh_rate=0",
+            f"hydra.run.dir={tmp_path / name}",
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "summary.json").read_text())["metrics"]
+    assert metrics["shards"] == metrics["folder"]
