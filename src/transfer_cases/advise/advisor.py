@@ -33,6 +33,7 @@ from transfer_cases.advise.decide import (
 from transfer_cases.advise.scores import score_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.data.splits import Stream, rng
+from transfer_cases.features.backend import choose_backend
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import EXTRACTIONS, resolve_extraction
 from transfer_cases.features.store import FeatureStore
@@ -123,8 +124,10 @@ class Advisor:
         *,
         extraction: str = "auto",
         device: torch.device | None = None,
+        backend: str = "auto",
     ) -> tuple[Advice, dict[str, float]]:
-        """`(advice, timings)` for an image data module and a backbone config (`_target_` dict)."""
+        """`(advice, timings)` for an image data module and a backbone config (`_target_` dict); the
+        bodies run on `backend` (`cache.backend`, see `features.backend`)."""
         device = device or torch.device("cpu")
         start = time.perf_counter()
         pretrained = instantiate_clean(backbone).build(pretrained=True)
@@ -138,16 +141,20 @@ class Advisor:
         labels = np.asarray(train.labels)
         counts = {name: int((labels == i).sum()) for i, name in enumerate(images.classes)}
         subset = self._subset(train, images.predict_transform())
-        numerics = resolve_extraction(extraction, device)
+        chosen, why = choose_backend(backend, device, len(subset), images.preprocess.crop_size)
+        log.info("advisor: every-stage passes on %s (%s)", chosen, why)
+        numerics = resolve_extraction(extraction, device, backend=chosen, strict=backend != "auto")
         # fp16 has no range for a random network's activations; bf16 and fp32 do.
         control_numerics = EXTRACTIONS["channels_last"] if numerics.autocast == torch.float16 else numerics
+        # The control's BatchNorm statistics come from a torch pass in training mode.
+        calibration = control_numerics.fallback or control_numerics
         timings = {"setup_s": time.perf_counter() - start}
         # The control is the body training from scratch would start from, with BatchNorm statistics
         # estimated on the user's images as the pretrained ones were on theirs: with its initial
         # statistics (mean 0, variance 1) its deep activations vanish and its probe means nothing.
         t = time.perf_counter()
         seen, hit = calibrated_control(
-            control, subset, store, device=device, numerics=control_numerics, num_workers=images.num_workers
+            control, subset, store, device=device, numerics=calibration, num_workers=images.num_workers
         )
         timings["control_batchnorm_s"] = time.perf_counter() - t
         timings["control_batchnorm_cache_hit"] = float(hit)
@@ -230,5 +237,10 @@ def advise_from_config(cfg: Any, device: torch.device | None = None) -> tuple[Ad
         cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         device = torch.device("cuda" if cuda else "cpu")
     return advisor.advise(
-        images, to_dict(cfg.backbone), store, extraction=cache.get("extraction", "auto"), device=device
+        images,
+        to_dict(cfg.backbone),
+        store,
+        extraction=cache.get("extraction", "auto"),
+        device=device,
+        backend=cache.get("backend", "auto"),
     )
