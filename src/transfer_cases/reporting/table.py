@@ -6,6 +6,7 @@ Here no cell is ever cut or folded; instead, in this order, until the table fits
 1. a column with the same value in every row leaves the table for a header line (`case: small_similar`);
 2. headers are abbreviated, each abbreviation explained in a legend line under the table;
 3. the widest text columns leave the table for lines under it, one per row (`0: lr=0.01 ...`).
+No line is longer than the width unless one identifier alone is.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def layout(
             c for i, c in enumerate(cols) if c != key and c not in keep and len({r[i] for r in data}) == 1
         ]
         if constant:
-            head.append("; ".join(f"{c}: {data[0][cols.index(c)]}" for c in constant) + " (every row)")
+            items = [f"{c}: {data[0][cols.index(c)]}" for c in constant]
+            head += wrap_items([f"every row: {items[0]}", *items[1:]], width)
             keep_idx = [i for i, c in enumerate(cols) if c not in constant]
             cols = [cols[i] for i in keep_idx]
             data = [[r[i] for i in keep_idx] for r in data]
@@ -91,6 +93,17 @@ def layout(
             if extra:
                 foot.append(f"{row_key}: {extra}")
     return TextTable(head, header, "-" * len(header), lines, foot)
+
+
+def wrap_items(items: Sequence[str], width: int, sep: str = "; ") -> list[str]:
+    """`items` joined by `sep` into lines of at most `width` characters, never splitting an item."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return lines
 
 
 def _width(names: Sequence[str], data: Sequence[Sequence[str]]) -> int:
