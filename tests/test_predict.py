@@ -52,7 +52,7 @@ def test_read_only_output_is_one_message_before_any_work(
     def read_only(*_: object, **__: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("transfer_cases.utils.checks.tempfile.NamedTemporaryFile", read_only)
+    monkeypatch.setattr("transfer_cases.utils.folders.tempfile.NamedTemporaryFile", read_only)
     # The checkpoint does not even exist: the output is checked first.
     err = fails([str(tmp_path / "none.ckpt"), str(image_folder), "--out", str(tmp_path / "p.csv")], capsys)
     assert f"error: cannot write to --out folder={tmp_path}: read-only file system" in err
@@ -112,3 +112,53 @@ def test_an_interruption_keeps_the_finished_batches(
     with pytest.raises(KeyboardInterrupt):
         main([str(ckpt), str(image_folder / "val"), "--out", str(out), "--batch-size", "2"])
     assert [r["file"] for r in read_rows(out)] == [str(p) for p in opened[:4]]  # two whole batches
+
+
+def test_onnxruntime_backend_predicts_what_torch_does(
+    ckpt: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    rows = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.csv"
+        main(
+            [
+                str(ckpt),
+                str(image_folder),
+                "--out",
+                str(out),
+                "--backend",
+                backend,
+                "--cache-dir",
+                str(tmp_path),
+            ]
+        )
+        rows[backend] = read_rows(out)
+    assert [r["file"] for r in rows["torch"]] == [r["file"] for r in rows["onnxruntime"]]
+    assert [r["class"] for r in rows["torch"]] == [r["class"] for r in rows["onnxruntime"]]
+    for a, b in zip(rows["torch"], rows["onnxruntime"], strict=True):
+        assert abs(float(a["probability"]) - float(b["probability"])) <= 1e-4
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1  # the exported body, kept for next time
+
+
+def test_a_body_onnxruntime_cannot_run_is_predicted_on_torch(
+    ckpt: Path,
+    image_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from transfer_cases.features import onnx_body
+
+    monkeypatch.setattr(onnx_body, "export_body", lambda body, example: b"not an onnx model")
+    monkeypatch.setattr(onnx_body, "_SESSIONS", type(onnx_body._SESSIONS)())
+    expected = predict_module.predict(ckpt, image_folder / "val", backend="torch")
+    got = predict_module.predict(ckpt, image_folder / "val", backend="onnxruntime", cache_dir=tmp_path)
+    assert got == expected
+    assert caplog.text.count("running the body on torch") == 1
+
+
+def test_unknown_backend(ckpt: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails([str(ckpt), str(image_folder), "--backend", "tensorrt"], capsys)
+    assert "--backend: invalid choice: 'tensorrt'" in err
