@@ -94,6 +94,9 @@ def _main(cfg: DictConfig) -> float | None:
         return None
     write_summary(cfg, "ok", result)
     print_metrics(result)
+    from transfer_cases.reporting.run_report import write_run_report  # report.html, from the run folder
+
+    write_run_report(cfg.paths.output_dir)
     return result["metrics"].get(cfg.get("optimized_metric"))
 
 
