@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import DictConfig
 from PIL import Image
 
 from tests.test_configs import TINY_OVERRIDES, run_cli
@@ -149,3 +151,25 @@ def test_transfer_audit_writes_json_and_html_and_one_summary_line(tmp_path: Path
     assert audit["counts"]["train"] == {"a": 6, "b": 6}
     assert [line for line in run.stdout.splitlines() if line.startswith("audit: 18 images;")]
     assert (tmp_path / "run" / "audit.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_case_auto_audits_the_data_when_the_config_has_the_audit_group(
+    compose_train: Callable[..., DictConfig],
+    image_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After advising, `case=auto` writes audit.json next to advice.json (the run report shows it);
+    a config without the group does not audit."""
+    from tests.test_advise_auto import RANK_VARS, FakeAdvisor, advice_for
+    from transfer_cases.advise import auto
+
+    for var in RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(auto, "advise_from_config", FakeAdvisor(advice_for(20)))
+    tiny = ("case=auto", *TINY_OVERRIDES, f"data.root={image_folder}")
+    auto.resolve_auto_case(compose_train(*tiny))
+    assert not (tmp_path / "run" / "audit.json").exists()
+    auto.resolve_auto_case(compose_train(*tiny, "+audit=default", "audit.folds=2"))
+    audit = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert audit["images"] == {"train": 12, "val": 6}

@@ -119,6 +119,9 @@ def _advise_on_rank_zero(
         device = torch.device("cuda", local_rank())
     advice, timings = advise(cfg, device=device)
     write_advice(advice, out, extra_overrides=extra, timings=timings)
+    from transfer_cases.reporting.audit_run import audit_if_configured  # with the `audit` group only
+
+    audit_if_configured(cfg, out)
     return advice, timings
 
 

@@ -25,7 +25,7 @@ from transfer_cases.reporting.audit import (
 from transfer_cases.reporting.html import thumbnail_uri
 from transfer_cases.utils.atomic import atomic_write_text
 from transfer_cases.utils.config import instantiate_clean
-from transfer_cases.utils.errors import ConfigError
+from transfer_cases.utils.errors import ConfigError, TransferCasesError
 
 log = logging.getLogger(__name__)
 AUDIT_JSON, AUDIT_HTML = "audit.json", "audit.html"
@@ -244,3 +244,18 @@ def audit_from_config(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     for line in result["warnings"]:
         log.warning(line)
     return result
+
+
+def audit_if_configured(cfg: Any, out_dir: str | Path) -> dict[str, Any] | None:
+    """The audit of `cfg`'s data when its config has the `audit` group (the advisor and `case=auto`
+    call this after advising); a setting's error stops the command, anything else is one warning:
+    an audit that cannot run must not cost the user the advice or the training run."""
+    if not cfg.get("audit"):
+        return None
+    try:
+        return audit_from_config(cfg, out_dir)
+    except TransferCasesError:
+        raise
+    except Exception as e:
+        log.warning("the data audit did not run: %s: %s", type(e).__name__, e)
+        return None
