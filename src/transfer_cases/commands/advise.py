@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.report import print_advice, user_overrides, write_advice
 from transfer_cases.commands.cli import console, friendly_errors, run_hydra
+from transfer_cases.reporting.audit_run import audit_if_configured
 from transfer_cases.utils.checks import TRAIN_SETTINGS, check_set, check_settings
 from transfer_cases.utils.paths import config_dir
 
@@ -25,6 +26,7 @@ def _main(cfg: DictConfig) -> None:
     extra = user_overrides()
     print_advice(advice, extra, console=console)
     paths = write_advice(advice, cfg.paths.output_dir, extra_overrides=extra, timings=timings)
+    audit_if_configured(cfg, cfg.paths.output_dir)  # the data audit, when the config has the group
     console.print(
         f"\n{timings['images']:.0f} images, {timings['total_s']:.1f} s; "
         f"advice in {paths['json']}, chart in {paths['chart']}",
