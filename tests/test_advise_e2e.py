@@ -158,15 +158,15 @@ def test_transfer_advise_prints_the_command_and_writes_its_files(tmp_path: Path)
 BAD_ADVISOR = {
     "max_per_class=1": (
         {"max_per_class": 1},
-        r"advisor\.max_per_class=1 must be a whole number >= 2 \(each ",
+        r"advisor\.max_per_class=1 is not a whole number >= 2 \(each ",
     ),
     "folds=true": (
         {"folds": True},
-        r"advisor\.folds=True must be a whole number >= 2 .*e\.g\. advisor\.folds=5",
+        r"advisor\.folds=True is not a whole number >= 2 .*e\.g\. advisor\.folds=5",
     ),
     "folds=1": (
         {"folds": 1},
-        r"advisor\.folds=1 must be a whole number >= 2 \(cross-validation holds one fold",
+        r"advisor\.folds=1 is not a whole number >= 2 \(cross-validation holds one fold",
     ),
     "tie_sems=-1": (
         {"tie_sems": -1},
@@ -176,6 +176,18 @@ BAD_ADVISOR = {
         {"finetune_headroom": -0.1},
         r"advisor\.finetune_headroom=-0\.1 must be a number >= 0 \(probe error that leaves room to "
         r"fine-tune\); e\.g\. advisor\.finetune_headroom=0\.1",
+    ),
+    "small_max_per_class=-1": (
+        {"small_max_per_class": -1},
+        r"advisor\.small_max_per_class=-1 is not a whole number >= 1 \(median train images per class",
+    ),
+    "small_max_per_class=abc": (
+        {"small_max_per_class": "abc"},
+        r"advisor\.small_max_per_class='abc' is not a whole number >= 1",
+    ),
+    "tie_sems=nan": (
+        {"tie_sems": float("nan")},
+        r"advisor\.tie_sems=nan must be a number >= 0",
     ),
     "improving_sems=nan": (
         {"improving_sems": float("nan")},

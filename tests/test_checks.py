@@ -15,10 +15,10 @@ from tests.conftest import TINY, case_config
 from tests.test_configs import TINY_OVERRIDES, run_cli
 from transfer_cases import build
 from transfer_cases.commands.evaluate import evaluate
+from transfer_cases.commands.hydra_callbacks import OutputFolderCheck
 from transfer_cases.commands.train import train
 from transfer_cases.training.cases import Case
 from transfer_cases.training.module import TransferModule
-from transfer_cases.utils.checks import OutputFolderCheck
 from transfer_cases.utils.errors import ConfigError, OutputError
 
 
@@ -118,7 +118,7 @@ def test_read_only_output_folder(
     def read_only(*_: object, **__: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("transfer_cases.utils.checks.tempfile.NamedTemporaryFile", read_only)
+    monkeypatch.setattr("transfer_cases.utils.folders.tempfile.NamedTemporaryFile", read_only)
     error = rejected(compose_train, image_folder)
     assert isinstance(error, OutputError)
     assert "cannot write to paths.output_dir=" in str(error) and "read-only file system" in str(error)

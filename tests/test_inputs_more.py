@@ -39,9 +39,10 @@ from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureStore
 from transfer_cases.training.module import TransferModule
 from transfer_cases.utils import atomic
-from transfer_cases.utils.checks import TRAIN_SETTINGS, check_known_keys, check_settings
+from transfer_cases.utils.checks import check_shared_settings
 from transfer_cases.utils.errors import ConfigError, DataError
 from transfer_cases.utils.paths import config_dir
+from transfer_cases.utils.schema import check_known_keys
 
 ROOT = config_dir().parent
 TB = r"\d+\.\d TiB"
@@ -72,6 +73,12 @@ BAD = {
     "+data.download=true": r"unknown setting data\.download: transfer_cases\.data\.ImageFolderDataModule "
     r"takes no 'download'",
     "cache.stamp=size": r"cache\.stamp='size' is not one of: mtime, content",
+    "+model.optimizer.betas=[2,3]": r"^error: model\.optimizer \(torch\.optim\.AdamW\) refuses its settings: "
+    r"Invalid beta parameter at index 0: 2; fix the model\.optimizer setting it names",
+    "advisor.small_max_per_class=-1": r"^error: advisor\.small_max_per_class=-1 is not a whole number >= 1 "
+    r"\(median train images per class below which data is small\); e\.g\. advisor\.small_max_per_class=100$",
+    "advisor.small_max_per_class=abc": r"^error: advisor\.small_max_per_class='abc' is not a whole number",
+    "advisor.tie_sems=nan": r"^error: advisor\.tie_sems=nan must be a number >= 0",
     # Hydra's own refusals of the command line: one line naming the fix, exit 2 (were Hydra's, exit 1).
     "data=imagefolder data.root=/tmp/my data": r"^error: 'data' is not a key=value override; if it is the "
     r"rest of a value with spaces, quote the whole override, e\.g\. 'data\.root=\"/data/my images\"'$",
@@ -141,7 +148,7 @@ def test_added_keys_are_checked_against_their_target(compose_train: Callable[...
 def test_the_best_checkpoint_mode_follows_a_loss(compose_train: Callable[..., DictConfig]) -> None:
     """mode: max under val/loss kept the epoch of the highest loss as "best"."""
     cfg = compose_train("optimized_metric=val/loss")
-    check_settings(cfg, TRAIN_SETTINGS)
+    check_shared_settings(cfg)
     callback = instantiate(cfg.callbacks.model_checkpoint)
     assert (callback.monitor, callback.mode) == ("val/loss", "min")
 

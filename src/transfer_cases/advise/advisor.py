@@ -38,7 +38,7 @@ from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import EXTRACTIONS, resolve_extraction
 from transfer_cases.features.store import FeatureStore
 from transfer_cases.utils.config import instantiate_clean, to_dict
-from transfer_cases.utils.errors import ConfigError
+from transfer_cases.utils.schema import ADVISOR_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -86,29 +86,12 @@ class Advisor:
         finetune_source: str = DEFAULT_FINETUNE_SOURCE,
         seed: int = 0,
     ) -> None:
-        for name, value, why, example in (
-            ("max_per_class", max_per_class, "each class needs an image to fit and one to hold out", 100),
-            ("folds", folds, "cross-validation holds one fold out and fits on the others", 5),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise ConfigError(
-                    f"advisor.{name}={value!r} must be a whole number >= 2 ({why}); "
-                    f"e.g. advisor.{name}={example}"
-                )
+        for name, rule in ADVISOR_SETTINGS.items():
+            rule(locals()[name], f"advisor.{name}")
         self.max_per_class = max_per_class
         self.folds = folds
         self.small_max_per_class = small_max_per_class
         self.threshold_source = threshold_source
-        for name, value, what, example in (
-            ("tie_sems", tie_sems, "standard errors of the probe's peak within which stages tie", 1),
-            ("improving_sems", improving_sems, "standard errors of a gain that counts", 1),
-            ("improving_margin", improving_margin, "accuracy gain that counts", 0.01),
-            ("finetune_headroom", finetune_headroom, "probe error that leaves room to fine-tune", 0.1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(
-                    f"advisor.{name}={value!r} must be a number >= 0 ({what}); e.g. advisor.{name}={example}"
-                )
         self.tie_sems = float(tie_sems)
         self.improving_sems = float(improving_sems)
         self.improving_margin = float(improving_margin)

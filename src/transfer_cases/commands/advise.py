@@ -13,15 +13,14 @@ from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.report import print_advice, user_overrides, write_advice
 from transfer_cases.commands.cli import console, friendly_errors, run_hydra
 from transfer_cases.reporting.audit_run import audit_if_configured
-from transfer_cases.utils.checks import TRAIN_SETTINGS, check_set, check_settings
+from transfer_cases.utils.checks import check_shared_settings
 from transfer_cases.utils.paths import config_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="advise")
 @friendly_errors
 def _main(cfg: DictConfig) -> None:
-    check_set(cfg)
-    check_settings(cfg, TRAIN_SETTINGS)  # the keys advise.yaml shares with train.yaml
+    check_shared_settings(cfg)  # the keys advise.yaml shares with train.yaml
     advice, timings = advise_from_config(cfg)
     extra = user_overrides()
     print_advice(advice, extra, console=console)

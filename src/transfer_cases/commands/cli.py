@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -36,9 +36,7 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except TransferCasesError as e:
             # Every DDP rank checks the same settings: rank 0 says it once. Data errors are per rank.
-            if not (isinstance(e, ConfigError) and rank_zero_only.rank > 0):
-                print(f"\nerror: {user_message(e)}", file=sys.stderr)
-            sys.exit(2)
+            exit_with_error(user_message(e), quiet=isinstance(e, ConfigError) and rank_zero_only.rank > 0)
         except Exception as e:
             if rank_zero_only.rank > 0 and _peer_failed(e):
                 print(
@@ -84,15 +82,13 @@ def run_hydra(task_main: Callable[[], Any]) -> None:
     except (OverrideParseException, ConfigCompositionException) as e:
         if full:
             raise
-        print(f"\nerror: {command_line_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(command_line_message(e))
     except OSError as e:
         # Hydra writing the run folder's .hydra/ files, before the task: a full or read-only disk.
         if full or e.errno not in OUTPUT_ERRNOS:
             raise
         where, what = (e.filename, "file") if e.filename else ("(Hydra's .hydra/ config files)", "run folder")
-        print(f"\nerror: {output_error(e, where, what)}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(str(output_error(e, where, what)))
 
 
 def command_line_message(error: Exception) -> str:
@@ -130,6 +126,13 @@ def _unknown_key_hint(key: str, error: Exception) -> str:
     if close:
         return f"unknown setting {key}; did you mean {parent}.{close[0]}?"
     return f"unknown setting {key}; check the spelling, or add a new key with a leading +: +{key}=..."
+
+
+def exit_with_error(message: str, *, quiet: bool = False) -> NoReturn:
+    """The one way a command stops on an error the user can fix: `error: <message>` on stderr, status 2."""
+    if not quiet:
+        print(f"\nerror: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def user_message(error: BaseException) -> str:

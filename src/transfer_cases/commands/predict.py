@@ -33,8 +33,8 @@ from transfer_cases.features.cached import MODELS_DIR
 from transfer_cases.training.checkpoint import load_module
 from transfer_cases.training.module import TransferModule
 from transfer_cases.utils.atomic import atomic_pieces
-from transfer_cases.utils.checks import check_writable_dir
 from transfer_cases.utils.errors import ConfigError, DataError, OutputError
+from transfer_cases.utils.folders import check_writable_dir
 
 log = logging.getLogger(__name__)
 FIELDS = ("file", "class", "probability", "error")

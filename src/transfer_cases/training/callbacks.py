@@ -1,30 +1,25 @@
 """Callbacks of `transfer-train`: `FreezeGuard` (a run fails loudly if its frozen prefix changes or
 leaves eval mode), `NonFiniteGuard` (a diverged run fails instead of reporting NaN as "ok"),
 `MetricsHistory` (a resumed run keeps its metrics history) and `LastCheckpoint` (last.ckpt for
-resuming, at a bounded cost). `OptunaSweepCheck` is a Hydra callback of the Optuna presets."""
+resuming, at a bounded cost)."""
 
 from __future__ import annotations
 
 import json
-import numbers
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig
 
 from transfer_cases.training.loggers import HistoryCSVLogger
 from transfer_cases.training.module import TransferModule
-from transfer_cases.utils.checks import number
 from transfer_cases.utils.digest import tensor_digest
 from transfer_cases.utils.errors import ConfigError
+from transfer_cases.utils.validate import number
 
 
 def frozen_digest(module: TransferModule) -> str:
@@ -274,62 +269,3 @@ class LastCheckpoint(Checkpoint):
             return
         trainer.save_checkpoint(self.path)
         self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
-
-
-class OptunaSweepCheck(HydraCallback):
-    """Hydra callback of the Optuna presets: settings the sweeper would crash on stop with one line.
-
-    Before the sweep, `n_trials` and `n_jobs` must be whole numbers >= 1 (`n_trials=0` ends in a
-    traceback, "No trials are completed yet"), `max_failure_rate` a number in [0, 1]. A failed trial
-    is told to Optuna as failed (`train._main` returns None for it) and the others run; when every
-    trial failed, Optuna has no best trial and would end in the same traceback, so the last trial's end
-    says so instead, and where to read the errors. A study in shared `storage` may hold completed
-    trials of earlier sweeps, so there the sweeper decides.
-    """
-
-    def __init__(self) -> None:
-        self.trials = 0
-        self.failed: list[str] = []
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweeper = config.hydra.sweeper
-        for key in ("n_trials", "n_jobs"):
-            value = sweeper.get(key)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                _exit(
-                    f"hydra.sweeper.{key}={value!r} is not a whole number >= 1 (the number of "
-                    f"{'trials the search runs' if key == 'n_trials' else 'trials run at once'}); "
-                    f"e.g. hydra.sweeper.{key}={12 if key == 'n_trials' else 1}"
-                )
-        metric, direction = config.get("optimized_metric"), sweeper.get("direction")
-        wanted = "minimize" if isinstance(metric, str) and "loss" in metric.rpartition("/")[2] else "maximize"
-        if isinstance(direction, str) and direction != wanted:
-            _exit(
-                f"hydra.sweeper.direction={direction} with optimized_metric={metric}: the search would look "
-                f"for the worst trials; e.g. hydra.sweeper.direction={wanted}"
-            )
-        rate = sweeper.get("max_failure_rate", 0.0)
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate <= 1:
-            _exit(
-                f"hydra.sweeper.max_failure_rate={rate!r} is not a number in [0, 1] (the share of "
-                "failed trials of a batch that ends the search); e.g. hydra.sweeper.max_failure_rate=1"
-            )
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        self.trials += 1
-        if job_return.status != JobStatus.COMPLETED or job_return.return_value is None:
-            self.failed.append(str(config.hydra.runtime.output_dir))
-        sweeper = config.hydra.sweeper
-        if sweeper.get("storage") or self.trials < sweeper.n_trials or len(self.failed) < self.trials:
-            return
-        _exit(
-            f"all {self.trials} trials of the search failed, so it has no best parameters; each "
-            f"trial's error is in its summary.json (e.g. {self.failed[0]}/summary.json)"
-        )
-
-
-def _exit(message: str) -> None:
-    """Inside Hydra, outside the task's `friendly_errors` (Hydra turns a callback's exception into a
-    warning): the same one line and status 2."""
-    print(f"\nerror: {message}", file=sys.stderr)
-    sys.exit(2)
