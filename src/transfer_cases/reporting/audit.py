@@ -35,26 +35,41 @@ class Candidate:
 
 
 def near_duplicate_candidates(
-    features: Mapping[str, np.ndarray], threshold: float, *, max_pairs: int = 2000, block: int = 2048
+    features: Mapping[str, np.ndarray],
+    threshold: float,
+    *,
+    neighbours: int = 3,
+    max_pairs: int = 5000,
+    block: int = 2048,
 ) -> list[Candidate]:
-    """Pairs above `threshold` cosine similarity (best first, at most `max_pairs`) for each split
-    pair of `PAIRS` present in `features`; a pair within one split is listed once, never with itself."""
-    found: list[Candidate] = []
+    """For each split pair of `PAIRS` present in `features`: each image's `neighbours` nearest images
+    of the other split (cosine similarity of the features) at or above `threshold`, best first, at
+    most `max_pairs`. Within a split an image is never its own neighbour and a pair is listed once.
+
+    A resized or re-encoded copy is its original's nearest neighbour without being very close to
+    it (the pooled features of a CNN are not scale invariant), so the features only nominate
+    candidates: the pixel check decides."""
+    found: dict[tuple[str, int, str, int], float] = {}
     unit = {k: _normalise(v) for k, v in features.items() if v is not None and len(v)}
     for a, b in PAIRS:
         if a not in unit or b not in unit:
             continue
         fa, fb = unit[a], unit[b]
+        k = min(neighbours, len(fb) - (a == b))
+        if k < 1:
+            continue
         for start in range(0, len(fa), block):
             sims = fa[start : start + block] @ fb.T
-            if a == b:  # upper triangle only: (i, j) with j > i
-                rows = torch.arange(start, start + len(sims))[:, None]
-                sims = sims.masked_fill(torch.arange(len(fb))[None, :] <= rows, -2)
-            hits = (sims >= threshold).nonzero()
-            for i, j in hits.tolist():
-                found.append(Candidate(a, start + i, b, j, float(sims[i, j])))
-    found.sort(key=lambda c: -c.similarity)
-    return found[:max_pairs]
+            if a == b:
+                rows = torch.arange(len(sims))
+                sims[rows, rows + start] = -2  # not itself
+            values, columns = sims.topk(k, dim=1)
+            for i, j in (values >= threshold).nonzero().tolist():
+                row, col = start + i, int(columns[i, j])
+                key = (a, min(row, col), b, max(row, col)) if a == b else (a, row, b, col)
+                found[key] = float(values[i, j])
+    ranked = sorted(found.items(), key=lambda item: -item[1])[:max_pairs]
+    return [Candidate(a, i, b, j, sim) for (a, i, b, j), sim in ranked]
 
 
 def _normalise(x: np.ndarray) -> torch.Tensor:

@@ -36,7 +36,10 @@ class Audit:
     """The `audit` config group: what counts as a duplicate or a likely label error.
 
     Args:
-        duplicate_threshold: cosine similarity of full-body features above which a pair is a candidate.
+        duplicate_threshold: cosine similarity of full-body features from which a pair of nearest
+            neighbours is a candidate (low on purpose: a resized copy's features differ more than its
+            pixels do; the pixel check decides).
+        neighbours: nearest neighbours of each image (in the other split, or in train) considered.
         pixel_tolerance: mean absolute grey-level difference (0-1, both at 32x32) below which a
             candidate is confirmed as the same picture (exact, resized or re-encoded).
         folds: cross-validation folds of the probe that gives out-of-fold probabilities.
@@ -48,21 +51,23 @@ class Audit:
 
     def __init__(
         self,
-        duplicate_threshold: float = 0.95,
+        duplicate_threshold: float = 0.8,
+        neighbours: int = 3,
         pixel_tolerance: float = 0.04,
         folds: int = 5,
-        max_pairs: int = 2000,
+        max_pairs: int = 5000,
         max_listed: int = 50,
         imbalance_warning: float = 3.0,
         seed: int = 0,
     ) -> None:
         if not 0 < duplicate_threshold <= 1:
             raise ConfigError(
-                f"audit.duplicate_threshold={duplicate_threshold!r} must be in (0, 1]; e.g. 0.95"
+                f"audit.duplicate_threshold={duplicate_threshold!r} must be in (0, 1]; e.g. 0.8"
             )
         if not 0 <= pixel_tolerance <= 1:
             raise ConfigError(f"audit.pixel_tolerance={pixel_tolerance!r} must be in [0, 1]; e.g. 0.04")
         self.duplicate_threshold = float(duplicate_threshold)
+        self.neighbours = int(neighbours)
         self.pixel_tolerance = float(pixel_tolerance)
         self.folds, self.max_pairs, self.max_listed = int(folds), int(max_pairs), int(max_listed)
         self.imbalance_warning = float(imbalance_warning)
@@ -74,7 +79,9 @@ class Audit:
         """Findings for image datasets `splits` (SubsetDataset per split name) and their features."""
         start = time.perf_counter()
         counts = class_counts({k: d.labels for k, d in splits.items()}, classes)
-        candidates = near_duplicate_candidates(features, self.duplicate_threshold, max_pairs=self.max_pairs)
+        candidates = near_duplicate_candidates(
+            features, self.duplicate_threshold, neighbours=self.neighbours, max_pairs=self.max_pairs
+        )
         confirmed, unconfirmed = [], []
         small: dict[tuple[str, int], np.ndarray] = {}  # each image decoded once, however many pairs
 
@@ -137,7 +144,8 @@ class Audit:
             "counts": counts,
             "imbalance": ratio,
             "settings": {
-                k: getattr(self, k) for k in ("duplicate_threshold", "pixel_tolerance", "folds", "max_pairs")
+                k: getattr(self, k)
+                for k in ("duplicate_threshold", "neighbours", "pixel_tolerance", "folds", "max_pairs")
             },
             "duplicates": {
                 "across_splits": len(across),
