@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -329,3 +331,79 @@ def test_real_sweep_with_a_failing_job(tmp_path: Path) -> None:
     failed_section = (sweep / "report.md").read_text().split("## Failed jobs", 1)[1]
     assert "`1_small_similar`" in failed_section
     assert "`0_" not in failed_section
+
+
+def test_upstream_noise_is_filtered_by_its_exact_message_only(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from transfer_cases.reporting.terminal import (
+        UPSTREAM_LOG_PREFIXES,
+        UPSTREAM_WARNINGS,
+        quiet_upstream_noise,
+    )
+
+    (message, category, _), tip = UPSTREAM_WARNINGS[0], UPSTREAM_LOG_PREFIXES[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_upstream_noise()
+        warnings.warn(message, category, stacklevel=1)
+        warnings.warn(message.replace("LeafSpec", "OtherSpec"), category, stacklevel=1)  # a new message shows
+    assert [str(w.message) for w in caught] == [message.replace("LeafSpec", "OtherSpec")]
+    with caplog.at_level(logging.INFO):
+        rank_zero_info(tip + " to enable LitLogger, ...")
+        rank_zero_info("GPU available: False")
+    assert "Tip" not in caplog.text
+    assert "GPU available: False" in caplog.text
+
+
+class _Fit(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("train/loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_only_on_a_terminal_else_a_line_per_interval(
+    terminal: bool, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from transfer_cases.reporting.terminal import TerminalProgressBar
+
+    data = torch.utils.data.DataLoader(
+        list(zip(torch.randn(6, 2), torch.zeros(6), strict=True)), batch_size=2
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[TerminalProgressBar(interval_s=0, terminal=terminal)],
+    )
+    with caplog.at_level(logging.INFO, logger="transfer_cases.reporting.terminal"):
+        trainer.fit(_Fit(), train_dataloaders=data)
+    out = capsys.readouterr().out  # Lightning's bars write to stdout
+    lines = [r.getMessage() for r in caplog.records if r.name == "transfer_cases.reporting.terminal"]
+    if terminal:
+        assert "Epoch 1" in out and lines == []
+    else:
+        assert "Epoch" not in out and "it/s" not in out
+        assert [line for line in lines if "done" in line] == [
+            line
+            for line in lines
+            if line.startswith(("epoch 1/2 done train/loss=", "epoch 2/2 done train/loss="))
+        ]
+        assert sum("done" in line for line in lines) == 2
+        assert sum(line.startswith("epoch 0, batch ") for line in lines) == 3  # interval 0: every batch
