@@ -31,6 +31,12 @@ test: $(STAMP)  ## the fast test suite (2-3.5 minutes on 2 cores)
 test-all: $(STAMP)  ## fast and slow tests
 	$(PYTEST) -m "slow or not slow" $(ARGS)
 
+# The reports in headless Chromium (Playwright). The browser: the system's (apt-get install chromium) or
+# Playwright's own ($(BIN)/playwright install chromium); the test skips, saying which, without one.
+test-browser: $(STAMP)  ## open each kind of report.html in headless Chromium (needs the browser extra)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[browser]"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:xdist -m slow tests/test_report_html_browser.py $(ARGS)
+
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src tests bench studies
 	$(BIN)/ruff format --check src tests bench studies
