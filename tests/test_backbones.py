@@ -20,7 +20,7 @@ from transfer_cases.backbones.torchvision_zoo import SUPPORTED, TABLE_OF, staged
 from transfer_cases.training.module import TransferModule
 from transfer_cases.utils.errors import ConfigError, WeightsError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+BACKBONES_DOC = Path(__file__).resolve().parents[1] / "docs" / "backbones.md"
 # One or two per table (but EfficientNetV2-M/L), cheap to construct; the rest (up to 150M parameters)
 # run with `make test-all`.
 FAST = {
@@ -186,5 +186,5 @@ def test_the_neck_is_expected_from_a_full_body_checkpoint_only(tmp_path: Path) -
         TorchvisionBackbone("mobilenet_v3_small", weights=str(tmp_path / "old.ckpt")).build()
 
 
-def test_readme_tables_are_the_declared_ones() -> None:
-    assert markdown() in README.read_text(), "run: python -m transfer_cases.backbones.tables"
+def test_docs_tables_are_the_declared_ones() -> None:
+    assert markdown() in BACKBONES_DOC.read_text(), "run: python -m transfer_cases.backbones.tables"

@@ -353,8 +353,8 @@ def test_onnx_snippet_preprocesses_like_the_pipeline(
     np.testing.assert_allclose(x, expected, atol=1e-5)
 
 
-def test_readme_onnx_snippet_is_what_the_command_prints() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+def test_docs_onnx_snippet_is_what_the_command_prints() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     onnx = [b for b in blocks if "import onnxruntime as ort" in b]
     assert onnx == [usage("onnx", "epoch04.onnx", "bee.jpg")]

@@ -271,7 +271,7 @@ def test_generated_project_is_renamed_and_configured(
     pyproject = (gen / "pyproject.toml").read_text()  # no tomllib: Python 3.10 is supported
     assert f'\nname = "{project}"\n' in pyproject
     assert f'\n{project}-train = "{package}.commands.train:main"\n' in pyproject
-    assert f'packages = ["src/{package}"]' in pyproject
+    assert f'packages = ["src/{package}", "src/hydra_plugins"]' in pyproject
 
     readme = (gen / "README.md").read_text()
     assert readme.startswith(f"# {project}\n") and f"{project}-train " in readme

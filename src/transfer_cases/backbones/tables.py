@@ -1,6 +1,6 @@
 """The declared torchvision stage tables as markdown: `python -m transfer_cases.backbones.tables`.
 
-The README's "Supported backbones" tables are this output; a test keeps them equal.
+docs/backbones.md's "Supported backbones" tables are this output; a test keeps them equal.
 """
 
 from __future__ import annotations

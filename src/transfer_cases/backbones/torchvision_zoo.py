@@ -5,7 +5,7 @@ ends where the resolution next halves, so its output stride is that of timm's `f
 A stage of one module is that module; a longer one is an `nn.Sequential` of them, so the state
 dict reads `stages.<i>.<j>...`. `neck` lists the classifier layers before the final Linear that
 belong to the pretrained body (kept with the full body only); `classifier` is that final Linear.
-`python -m transfer_cases.backbones.tables` prints these tables as the README shows them.
+`python -m transfer_cases.backbones.tables` prints these tables as docs/backbones.md shows them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
@@ -40,16 +39,10 @@ class OptunaSweepCheck(HydraCallback):
     """Hydra callback of the Optuna presets: settings the sweeper would crash on stop with one line.
 
     Before the sweep, `n_trials` and `n_jobs` must be whole numbers >= 1 (`n_trials=0` ends in a
-    traceback, "No trials are completed yet"), `max_failure_rate` a number in [0, 1]. A failed trial
-    is told to Optuna as failed (`train._main` returns None for it) and the others run; when every
-    trial failed, Optuna has no best trial and would end in the same traceback, so the last trial's end
-    says so instead, and where to read the errors. A study in shared `storage` may hold completed
-    trials of earlier sweeps, so there the sweeper decides.
+    traceback, "No trials are completed yet"), `max_failure_rate` a number in [0, 1], and `direction`
+    must follow `optimized_metric`. (A failed trial is told to Optuna as failed and the others run;
+    a search whose every trial failed is said by the sweeper, transfer_cases.sweeps.)
     """
-
-    def __init__(self) -> None:
-        self.trials = 0
-        self.failed: list[str] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
@@ -74,15 +67,3 @@ class OptunaSweepCheck(HydraCallback):
                 f"hydra.sweeper.max_failure_rate={rate!r} is not a number in [0, 1] (the share of "
                 "failed trials of a batch that ends the search); e.g. hydra.sweeper.max_failure_rate=1"
             )
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        self.trials += 1
-        if job_return.status != JobStatus.COMPLETED or job_return.return_value is None:
-            self.failed.append(str(config.hydra.runtime.output_dir))
-        sweeper = config.hydra.sweeper
-        if sweeper.get("storage") or self.trials < sweeper.n_trials or len(self.failed) < self.trials:
-            return
-        exit_with_error(
-            f"all {self.trials} trials of the search failed, so it has no best parameters; each "
-            f"trial's error is in its summary.json (e.g. {self.failed[0]}/summary.json)"
-        )

@@ -136,7 +136,7 @@ class ShardDataModule(ClassificationDataModule):
     def __init__(self, root: str | Path, cache_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = str(root).rstrip("/")
-        self.cache_dir = cache_dir or str(Path(tempfile.gettempdir()) / "transfer_cases_shards")
+        self.cache_dir = cache_dir or str(Path(tempfile.gettempdir()) / "litdata_shards")
         meta = json.loads(_read_small_file(self.root, CLASSES, self.cache_dir))
         self.classes = list(meta["classes"])
         self._labels: dict[str, list[int]] = meta["labels"]

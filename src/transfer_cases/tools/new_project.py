@@ -39,6 +39,7 @@ TEMPLATE_ONLY = (
     "copier.yaml",
     "tests/test_new_project.py",
     "src/{package}/tools/new_project.py",
+    "docs/new_project.md",
 )
 NEW_TASK_SECTION = re.compile(r"^## Start a new (task|project)\b.*?(?=^## |\Z)", re.M | re.S)
 # The Makefile's `new` rule with the comment lines just above it (its recipe lines start with a tab)
@@ -93,6 +94,8 @@ def replacements(root: Path, answers: Answers) -> dict[str, str]:
     mapping = {
         TEMPLATE_PACKAGE: answers.package_name,
         TEMPLATE_PROJECT: answers.project_name,
+        # The Hydra plugin package (src/hydra_plugins/<package>_sweeper): one per installed project.
+        f"{TEMPLATE_PACKAGE}_sweeper": f"{answers.package_name}_sweeper",
     }
     for script in console_scripts(root):
         mapping[script] = f"{answers.project_name}-{script[len(SCRIPT_PREFIX) :]}"
@@ -138,13 +141,17 @@ def replace_identifiers(root: Path, mapping: dict[str, str]) -> list[Path]:
 
 
 def rename_package(root: Path, package: str) -> None:
-    """`src/transfer_cases` -> `src/<package>` (a no-op when the name is kept)."""
-    old, new = root / "src" / TEMPLATE_PACKAGE, root / "src" / package
-    if old == new:
-        return
-    if new.exists():
-        raise FileExistsError(f"{new} already exists")
-    old.rename(new)
+    """`src/transfer_cases` -> `src/<package>` and its Hydra plugin package (no-op when the name is kept)."""
+    plugins = root / "src" / "hydra_plugins"
+    for old, new in (
+        (root / "src" / TEMPLATE_PACKAGE, root / "src" / package),
+        (plugins / f"{TEMPLATE_PACKAGE}_sweeper", plugins / f"{package}_sweeper"),
+    ):
+        if old == new or not old.exists():
+            continue
+        if new.exists():
+            raise FileExistsError(f"{new} already exists")
+        old.rename(new)
 
 
 def yaml_scalar(value: str) -> str:
