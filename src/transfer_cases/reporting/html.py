@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 STYLE = """
+img{max-width:100%;height:auto}
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;padding:0 16px;color:#222}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}
@@ -24,7 +25,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#aaa}
 tr.failed td{color:#b00}pre{background:#f6f6f6;padding:8px;overflow-x:auto;white-space:pre-wrap}
 .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;margin:6px 0}
-.thumbs{display:flex;flex-wrap:wrap;gap:10px}.thumb{width:140px;font-size:12px}
+.thumbs{display:flex;flex-wrap:wrap;gap:10px}.thumb{width:140px;font-size:12px;overflow-wrap:anywhere}
 .thumb img{width:128px;height:128px;object-fit:contain;background:#eee;display:block}
 .pair{display:flex;gap:4px;align-items:flex-start;border:1px solid #ddd;padding:4px;font-size:12px}
 .pair img{width:96px;height:96px;object-fit:contain;background:#eee}

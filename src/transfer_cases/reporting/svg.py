@@ -58,7 +58,8 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, 
         parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
         parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in finite]
         parts.append(
-            f'<text x="{LEFT + 8 + 120 * i}" y="{TOP + 14}" font-size="11" fill="{color}">{esc(name)}</text>'
+            f'<text x="{WIDTH - RIGHT - 60 * (len(series) - i)}" y="15" font-size="11" fill="{color}">'
+            f"&#9632; {esc(name)}</text>"
         )
     return "".join(parts) + "</svg>"
 
