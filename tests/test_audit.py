@@ -173,3 +173,22 @@ def test_case_auto_audits_the_data_when_the_config_has_the_audit_group(
     auto.resolve_auto_case(compose_train(*tiny, "+audit=default", "audit.folds=2"))
     audit = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert audit["images"] == {"train": 12, "val": 6}
+
+
+def test_transfer_audit_refuses_a_bad_setting_before_any_extraction(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    run = run_cli(
+        "transfer-audit",
+        *TINY_OVERRIDES,
+        f"data.root={image_folder}",
+        "audit.duplicate_threshold=2",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: audit.duplicate_threshold=2 must be in (0, 1]; e.g. 0.8"
+    ]
+    assert not (tmp_path / "cache").exists()

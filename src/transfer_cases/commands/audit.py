@@ -12,15 +12,14 @@ from omegaconf import DictConfig
 
 from transfer_cases.commands.cli import console, friendly_errors, run_hydra
 from transfer_cases.reporting.audit_run import AUDIT_HTML, AUDIT_JSON, audit_from_config, summary_line
-from transfer_cases.utils.checks import TRAIN_SETTINGS, check_set, check_settings
+from transfer_cases.utils.checks import check_shared_settings
 from transfer_cases.utils.paths import config_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="audit")
 @friendly_errors
 def _main(cfg: DictConfig) -> None:
-    check_set(cfg)
-    check_settings(cfg, TRAIN_SETTINGS)  # the keys audit.yaml shares with train.yaml
+    check_shared_settings(cfg)  # the keys audit.yaml shares with train.yaml
     out = cfg.paths.output_dir
     result = audit_from_config(cfg, out)
     console.print(summary_line(result), highlight=False, soft_wrap=True)
