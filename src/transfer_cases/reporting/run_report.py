@@ -52,7 +52,7 @@ def run_html(run: Path) -> str:
     cfg = _config(run)
     predictions = read_predictions(run)
     audit = _json(run / "audit.json")
-    advice = summary.get("advice") or _json(run / "advice.json")
+    advice = summary.get("advice") if isinstance(summary.get("advice"), dict) else _json(run / "advice.json")
     title = f"Run report: {summary.get('case') or '?'} · {summary.get('backbone') or '?'}"
     warnings = list(summary.get("warnings") or [])
     if summary.get("status") != "ok":
@@ -87,11 +87,14 @@ def _config(run: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _json(path: Path) -> Any:
+def _json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`; None when missing, unreadable or not an object (a report section
+    is skipped, never the whole report)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _case_facts(summary: dict[str, Any], cfg: dict[str, Any], run: Path) -> str:
@@ -110,7 +113,7 @@ def _case_facts(summary: dict[str, Any], cfg: dict[str, Any], run: Path) -> str:
             ("probe epochs (LP-FT)", case.get("probe_epochs")),
             (
                 "trainable / frozen params",
-                f"{params.get('trainable', '?'):,} / {params.get('frozen', '?'):,}" if params else None,
+                f"{_count(params.get('trainable'))} / {_count(params.get('frozen'))}" if params else None,
             ),
             ("trained on", (summary.get("metrics_source") or {}).get("val_test_inputs")),
             ("data", summary.get("data")),
@@ -118,6 +121,10 @@ def _case_facts(summary: dict[str, Any], cfg: dict[str, Any], run: Path) -> str:
             ("run folder", str(run)),
         ]
     )
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
 
 
 def _metrics(summary: dict[str, Any]) -> str:
