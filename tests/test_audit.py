@@ -192,3 +192,17 @@ def test_transfer_audit_refuses_a_bad_setting_before_any_extraction(
         "error: audit.duplicate_threshold=2 must be in (0, 1]; e.g. 0.8"
     ]
     assert not (tmp_path / "cache").exists()
+
+
+def test_pixel_match_tells_two_objects_on_one_plain_background_apart() -> None:
+    """Aircraft on a blue sky: close on average (the sky), but their pixels do not correlate."""
+    from transfer_cases.reporting.audit_run import pixel_match
+
+    sky = np.full((32, 32), 0.6, dtype=np.float32)
+    plane, bird = sky.copy(), sky.copy()
+    plane[15:17, 8:24] = 0.1  # a wide dark bar
+    bird[8:24, 15:17] = 0.1  # a tall one
+    diff, corr = pixel_match(plane, bird)
+    assert diff < 0.04 and corr < 0.5
+    assert pixel_match(plane, plane + 0.01) == (pytest.approx(0.01), pytest.approx(1.0))
+    assert pixel_match(sky, sky) == (0.0, 1.0)  # two blank images are the same picture

@@ -22,8 +22,9 @@ def audit_section(audit: dict[str, Any]) -> str:
             ("train imbalance (largest/smallest)", f"{audit.get('imbalance', 1):.2f}x"),
             (
                 "rules",
-                f"duplicate: cosine similarity >= {settings.get('duplicate_threshold')} and mean grey "
-                f"difference <= {settings.get('pixel_tolerance')} at 32x32; label error: confident learning",
+                f"duplicate: nearest neighbours from cosine {settings.get('duplicate_threshold')}, "
+                f"grey levels at 32x32 differing by <= {settings.get('pixel_tolerance')} on average and "
+                f"correlating >= {settings.get('min_correlation')}; label error: confident learning",
             ),
         ]
     )
@@ -58,7 +59,7 @@ def _pair(p: dict[str, Any]) -> str:
     caption = (
         f"{h.esc(p['split_a'])} #{p['index_a']} ({h.esc(p.get('label_a'))}) = "
         f"{h.esc(p['split_b'])} #{p['index_b']} ({h.esc(p.get('label_b'))})<br>"
-        f"cos {p['similarity']:.3f}, pixels {p['pixel_difference']:.3f}"
+        f"cos {p['similarity']:.3f}, pixels {p['pixel_difference']:.3f}, corr {p.get('correlation', 1):.2f}"
     )
     return f'<div class="pair">{images}<div>{caption}</div></div>'
 

@@ -40,8 +40,11 @@ class Audit:
             neighbours is a candidate (low on purpose: a resized copy's features differ more than its
             pixels do; the pixel check decides).
         neighbours: nearest neighbours of each image (in the other split, or in train) considered.
-        pixel_tolerance: mean absolute grey-level difference (0-1, both at 32x32) below which a
-            candidate is confirmed as the same picture (exact, resized or re-encoded).
+        pixel_tolerance: mean absolute grey-level difference (0-1, both at 32x32) at or below which
+            a candidate can be the same picture (exact, resized or re-encoded) ...
+        min_correlation: ... and the correlation of those grey levels from which it is: two
+            different objects on the same plain background (aircraft on a blue sky) differ little
+            on average, yet their pixels do not correlate.
         folds: cross-validation folds of the probe that gives out-of-fold probabilities.
         max_pairs: candidates checked at pixel level, most similar first.
         max_listed: label suspects and pairs listed (with thumbnails) in audit.json.
@@ -54,6 +57,7 @@ class Audit:
         duplicate_threshold: float = 0.8,
         neighbours: int = 3,
         pixel_tolerance: float = 0.04,
+        min_correlation: float = 0.8,
         folds: int = 5,
         max_pairs: int = 5000,
         max_listed: int = 50,
@@ -66,6 +70,9 @@ class Audit:
             )
         if not 0 <= pixel_tolerance <= 1:
             raise ConfigError(f"audit.pixel_tolerance={pixel_tolerance!r} must be in [0, 1]; e.g. 0.04")
+        if not -1 <= min_correlation <= 1:
+            raise ConfigError(f"audit.min_correlation={min_correlation!r} must be in [-1, 1]; e.g. 0.8")
+        self.min_correlation = float(min_correlation)
         self.duplicate_threshold = float(duplicate_threshold)
         self.neighbours = int(neighbours)
         self.pixel_tolerance = float(pixel_tolerance)
@@ -91,13 +98,16 @@ class Audit:
             return small[split, index]
 
         for c in candidates:
-            diff = float(np.abs(grey(c.split_a, c.index_a) - grey(c.split_b, c.index_b)).mean())
+            diff, corr = pixel_match(grey(c.split_a, c.index_a), grey(c.split_b, c.index_b))
             pair = {
                 **_item("a", splits[c.split_a], c.split_a, c.index_a, classes),
                 **_item("b", splits[c.split_b], c.split_b, c.index_b, classes),
             }
-            pair.update(similarity=round(c.similarity, 4), pixel_difference=round(diff, 4))
-            (confirmed if diff <= self.pixel_tolerance else unconfirmed).append(pair)
+            pair.update(
+                similarity=round(c.similarity, 4), pixel_difference=round(diff, 4), correlation=round(corr, 4)
+            )
+            same = diff <= self.pixel_tolerance and corr >= self.min_correlation
+            (confirmed if same else unconfirmed).append(pair)
         names = list(features)
         x = np.concatenate([features[k] for k in names])
         y = np.concatenate([np.asarray(splits[k].labels) for k in names])
@@ -145,7 +155,14 @@ class Audit:
             "imbalance": ratio,
             "settings": {
                 k: getattr(self, k)
-                for k in ("duplicate_threshold", "neighbours", "pixel_tolerance", "folds", "max_pairs")
+                for k in (
+                    "duplicate_threshold",
+                    "neighbours",
+                    "pixel_tolerance",
+                    "min_correlation",
+                    "folds",
+                    "max_pairs",
+                )
             },
             "duplicates": {
                 "across_splits": len(across),
@@ -197,6 +214,15 @@ def grey_small(dataset: Any, index: int) -> np.ndarray:
     difference), blind to resizing and re-encoding but not to another picture."""
     image = _load(dataset, index).convert("L").resize((PIXEL_SIZE, PIXEL_SIZE), Image.Resampling.BOX)
     return np.asarray(image, dtype=np.float32) / 255
+
+
+def pixel_match(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean absolute difference, correlation) of two grey images; two flat images correlate fully."""
+    diff = float(np.abs(a - b).mean())
+    sa, sb = float(a.std()), float(b.std())
+    if sa < 1e-3 or sb < 1e-3:
+        return diff, 1.0 if sa < 1e-3 and sb < 1e-3 else 0.0
+    return diff, float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb))
 
 
 def split_features(
