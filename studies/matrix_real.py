@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer_cases.advise.decide import CASES
+from transfer_cases.training.cases import CASES
 
 AUTO = "auto"
 RUN_CASES = (*CASES, AUTO)

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from transfer_cases import asset_path, config_dir
+from transfer_cases.training.cases import CASES  # noqa: F401  (the tests import it from here with the fixtures)
 
-CASES = ("small_similar", "small_different", "large_similar", "large_different")
 TINY = {
     "_target_": "transfer_cases.backbones.TinyCNN",
     "widths": [8, 16, 32],

@@ -65,6 +65,8 @@ def test_data_configs_instantiate(
         overrides.append(f"data.root={image_folder}")
     elif data in ("mnist", "cifar10") and not SHARED.is_dir():
         pytest.skip("../shared/data is not next to this checkout")
+    elif data == "shards":
+        pytest.skip("needs shards written first: tests/test_streaming.py builds and trains on them")
     dm = instantiate_clean(compose_train(*overrides).data)
     assert isinstance(dm, ClassificationDataModule) and dm.num_classes >= 2
 

@@ -22,7 +22,8 @@ from tests.conftest import MOBILENET, TINY, case_config, write_image_folder
 from tests.test_configs import run_cli
 from tests.test_images import sideways_photo
 from transfer_cases import asset_path
-from transfer_cases.commands.export import FORMATS, main, usage
+from transfer_cases.commands.export import FORMATS, main
+from transfer_cases.commands.export_usage import usage
 from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.data.sources import open_image
 from transfer_cases.data.transforms import eval_transform

@@ -57,8 +57,6 @@ DEFAULT_FINETUNE_SOURCE = (
     "rule of thumb, designed with the ants/bees result known; not validated on held-out data"
 )
 
-CASES = ("small_similar", "small_different", "large_similar", "large_different")
-
 
 @dataclass(frozen=True)
 class Advice:

@@ -17,8 +17,9 @@ from transfer_cases.data.datamodule import ClassificationDataModule
 from transfer_cases.data.download import Resource, fetch
 from transfer_cases.data.imagefolder import IMAGE_EXTENSIONS, folder_splits
 from transfer_cases.data.mnist import ArraySource
-from transfer_cases.data.sources import ImageSource, digest, file_stamp, open_image, verify_image
+from transfer_cases.data.sources import ImageSource, file_stamp, open_image, verify_image
 from transfer_cases.data.splits import Splits, build_splits
+from transfer_cases.utils.digest import value_digest
 from transfer_cases.utils.errors import DataError
 
 ZIP_NAME = "cifar10_jpg.zip"
@@ -68,7 +69,7 @@ class ZipSource(ImageSource):
 
     def fingerprint(self) -> str:
         # The zip's identity (a replaced or touched zip changes it) and which members this split reads.
-        return digest(type(self).__name__, file_stamp(self.zip_path), self.members, self.labels)
+        return value_digest(type(self).__name__, file_stamp(self.zip_path), self.members, self.labels)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_zip": None, "_pid": None}

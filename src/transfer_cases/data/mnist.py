@@ -13,8 +13,9 @@ from PIL import Image
 
 from transfer_cases.data.datamodule import ClassificationDataModule
 from transfer_cases.data.download import Resource, fetch
-from transfer_cases.data.sources import ImageSource, digest, file_stamp
+from transfer_cases.data.sources import ImageSource, file_stamp
 from transfer_cases.data.splits import Splits
+from transfer_cases.utils.digest import value_digest
 from transfer_cases.utils.errors import DataError
 
 IDX_FILES = {
@@ -59,7 +60,7 @@ class ArraySource(ImageSource):
 
     def fingerprint(self) -> str:
         content = [file_stamp(f) for f in self.files] if self.files else self.images
-        return digest(type(self).__name__, content, self.images.shape, self.labels)
+        return value_digest(type(self).__name__, content, self.images.shape, self.labels)
 
 
 def find_idx_files(root: Path) -> dict[str, Path]:

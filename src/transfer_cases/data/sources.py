@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from transfer_cases.data.transforms import to_rgb
+from transfer_cases.utils.digest import value_digest
 from transfer_cases.utils.errors import DataError
 
 # What PIL raises on a truncated, corrupt or not-an-image file.
@@ -97,31 +98,6 @@ def _first_scan_data(data: bytes) -> int | None:
     return None
 
 
-def digest(*parts: Any) -> str:
-    """A sha256 hex digest of strings, numbers, paths, arrays and (nested) sequences of them."""
-    h = hashlib.sha256()
-
-    def feed(x: Any) -> None:
-        if isinstance(x, np.ndarray):
-            h.update(f"array {x.dtype.str} {x.shape}|".encode())
-            h.update(np.ascontiguousarray(x).tobytes())
-        elif isinstance(x, list | tuple):
-            h.update(b"[")
-            for y in x:
-                feed(y)
-            h.update(b"]")
-        else:
-            h.update(repr(str(x) if isinstance(x, Path) else x).encode())
-            h.update(b"|")
-
-    for part in parts:
-        feed(part)
-    return h.hexdigest()
-
-
-# How `file_stamp` identifies a file's content: "mtime" (path, size, modification time: one `stat`)
-# or "content" (path, size, SHA-256 of every byte: a file swapped with its mtime restored, as
-# `cp -p`, `rsync -a` and `tar` do, is seen). Set for a block with `stamping`.
 STAMPS = ("mtime", "content")
 _stamp: ContextVar[str] = ContextVar("stamp", default="mtime")
 
@@ -189,7 +165,7 @@ class FileSource(ImageSource):
 
     def fingerprint(self) -> str:
         # "upright": features cached before `open_image` applied the EXIF orientation are not reused.
-        return digest(type(self).__name__, "upright", [file_stamp(p) for p in self.paths], self.labels)
+        return value_digest(type(self).__name__, "upright", [file_stamp(p) for p in self.paths], self.labels)
 
 
 class SubsetDataset(Dataset):
@@ -213,4 +189,4 @@ class SubsetDataset(Dataset):
 
     def fingerprint(self) -> str:
         """The source's fingerprint and the chosen indices (not the transform: a cache keys that apart)."""
-        return digest(type(self).__name__, self.source.fingerprint(), self.indices)
+        return value_digest(type(self).__name__, self.source.fingerprint(), self.indices)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cases.data.datamodule import ClassificationDataModule
-from transfer_cases.data.sources import FileSource, ImageSource, digest, file_stamp, open_image
+from transfer_cases.data.sources import FileSource, ImageSource, file_stamp, open_image
 from transfer_cases.data.splits import Splits
+from transfer_cases.utils.digest import value_digest
 from transfer_cases.utils.errors import DataError
 
 INSTALL = "pip install 'transfer-cases[streaming]'"
@@ -123,7 +124,7 @@ class ShardSource(ImageSource):
         # The shard list with each chunk's recorded size, and, for local shards, their file stamps
         # (size and mtime, or content digests under cache.stamp=content).
         stamps = [] if _is_url(self.url) else [file_stamp(Path(self.url) / n) for n, _, _ in self.chunks]
-        return digest(type(self).__name__, "upright", self.url, self.chunks, stamps, self.labels)
+        return value_digest(type(self).__name__, "upright", self.url, self.chunks, stamps, self.labels)
 
 
 class ShardDataModule(ClassificationDataModule):

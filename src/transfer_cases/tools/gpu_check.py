@@ -26,9 +26,9 @@ from rich.table import Table
 from transfer_cases import build, config_dir
 from transfer_cases.commands.cli import friendly_errors
 from transfer_cases.training.callbacks import FreezeGuard
+from transfer_cases.training.cases import CASES
 from transfer_cases.utils.errors import ConfigError
 
-CASES = ("small_similar", "small_different", "large_similar", "large_different")
 WARMUP_BATCHES = 3
 # What ThroughputMonitor logs for the training stage on one device (`<stage>/device/samples_per_sec`).
 RATE_KEY = "train/device/samples_per_sec"

@@ -28,7 +28,6 @@ TEMPLATE_PROJECT = "transfer-cases"
 SCRIPT_PREFIX = "transfer-"
 # Fallback when pyproject.toml lists no console scripts (it is the source of truth otherwise).
 KNOWN_SCRIPTS = ("transfer-train", "transfer-eval", "transfer-predict", "transfer-report")
-CASES = ("small_similar", "small_different", "large_similar", "large_different")
 
 TEXT_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".md", ".txt", ".cfg", ".ini", ".ipynb", ".sh", ".json"}
 SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", "outputs", "multirun", "logs", "build", "dist"}
@@ -294,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project-name", required=True, help="distribution name and console-script prefix")
     parser.add_argument("--package-name", required=True, help="Python import name")
     parser.add_argument("--data-path", default="", help="image folder for data=imagefolder (empty: embedded)")
-    parser.add_argument("--case", default=Answers.case, choices=(*CASES, "auto"))  # copier.yml offers auto
+    # The choices are the config group's files (this script runs before the package is installed).
+    cases = sorted(p.stem for p in (Path(__file__).resolve().parents[3] / "configs" / "case").glob("*.yaml"))
+    parser.add_argument("--case", default=Answers.case, choices=cases or None)
     parser.add_argument("--backbone", default=Answers.backbone, help="a file stem of configs/backbone/")
     parser.add_argument("--root", type=Path, default=Path(), help="the copy to rewrite (default: cwd)")
     args = parser.parse_args(argv)

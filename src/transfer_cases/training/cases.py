@@ -13,6 +13,8 @@ from typing import Any, Literal
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.utils.errors import ConfigError
 
+# The four cases of the 2x2 (configs/case/<name>.yaml; `auto` asks the advisor for one of them).
+CASES = ("small_similar", "small_different", "large_similar", "large_different")
 CASE_FIELDS = ("name", "init", "keep", "freeze", "body_lr_scale", "epochs", "probe_epochs", "bn_mode")
 
 

@@ -18,6 +18,7 @@ from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.training.cases import Case
 from transfer_cases.training.heads import make_head
 from transfer_cases.training.preprocess import Preprocess
+from transfer_cases.training.schedule import replan_restored_schedules
 from transfer_cases.utils.config import instantiate_clean, to_dict
 from transfer_cases.utils.errors import ConfigError
 
@@ -191,41 +192,10 @@ class TransferModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path and self.hparams.scheduler:
-            self._replan_restored_schedule()
-
-    def _replan_restored_schedule(self) -> None:
-        """A resume follows the schedule of the current config, from the restored position.
-
-        Lightning restores a scheduler's whole state, so its settings are the interrupted run's: a
-        cosine planned for 2 epochs, resumed with `trainer.max_epochs=4`, keeps `T_max=2` and its
-        learning rate climbs back up. Here (after the restore: `on_train_start`) a scheduler built
-        from the current config on a stand-in optimizer with the same base learning rates is stepped
-        to the restored `last_epoch`; its state and learning rates replace the restored ones. So the
-        resumed run has the learning rate a run planned from the start with the current settings has
-        at that epoch (for `CosineAnnealingLR`, its closed form at `last_epoch` with the new `T_max`):
-        the schedule is re-planned, not stretched from the current learning rate. Schedulers driven by
-        a metric (`ReduceLROnPlateau`) cannot be replayed and keep their restored state.
-        """
-        for config in self.trainer.lr_scheduler_configs:
-            restored = config.scheduler
-            if not isinstance(restored, torch.optim.lr_scheduler.LRScheduler) or isinstance(
-                restored, torch.optim.lr_scheduler.ReduceLROnPlateau
-            ):
-                continue
-            groups = restored.optimizer.param_groups
-            stand_in = torch.optim.SGD(
-                [{"params": [torch.zeros(1)], "lr": g.get("initial_lr", g["lr"])} for g in groups]
-            )
-            planned = instantiate_clean(self.hparams.scheduler)(stand_in)
-            for _ in range(restored.last_epoch):
-                stand_in.step()  # no gradients: only the order of calls the scheduler expects
-                planned.step()
-            restored.load_state_dict(planned.state_dict())
-            for group, lr in zip(groups, planned.get_last_lr(), strict=True):
-                group["lr"] = lr
+            replan_restored_schedules(self.trainer.lr_scheduler_configs, self.hparams.scheduler)
 
     # Around every validation loop Lightning sets eval mode, then restores each module's recorded mode
-    # one by one: a walk of the whole body (~1 ms for MobileNetV2) every epoch. The mode to return
+    # one by one: a walk of the whole body every epoch. The mode to return
     # to is the module's own, which `train()` sets part by part (the frozen prefix stays in eval).
     def on_validation_model_eval(self) -> None:
         self._training_before_eval = self.training
