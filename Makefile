@@ -38,12 +38,12 @@ test-browser: $(STAMP)  ## open each kind of report.html in headless Chromium (n
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:xdist -m slow tests/test_report_html_browser.py $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
-	$(BIN)/ruff check src tests bench studies
-	$(BIN)/ruff format --check src tests bench studies
+	$(BIN)/ruff check src tests bench studies scripts
+	$(BIN)/ruff format --check src tests bench studies scripts
 
 format: $(STAMP)  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests bench studies
-	$(BIN)/ruff format src tests bench studies
+	$(BIN)/ruff check --fix src tests bench studies scripts
+	$(BIN)/ruff format src tests bench studies scripts
 
 weights: $(STAMP)  ## rebuild the embedded MobileNetV2 from the TF-Lite file in ../shared/data
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[convert]"

@@ -21,8 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from transfer_cases.tools.new_project import (
-    CASES,
+from scripts.new_project import (
     Answers,
     describe_default_job,
     remove_template_machinery,
@@ -31,6 +30,7 @@ from transfer_cases.tools.new_project import (
     rewrite_readme,
     yaml_scalar,
 )
+from transfer_cases.training.cases import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_NAMES = (
@@ -258,7 +258,7 @@ def test_generated_project_is_renamed_and_configured(
 
     assert (gen / "src" / package / "__init__.py").is_file() and (gen / "src" / package / "assets").is_dir()
     assert not (gen / "src" / "transfer_cases").exists()
-    for gone in ("copier.yml", "tests/test_new_project.py", f"src/{package}/tools/new_project.py", ".git"):
+    for gone in ("copier.yml", "tests/test_new_project.py", "scripts/new_project.py", ".git"):
         assert not (gen / gone).exists(), gone
     leftovers = []
     for path in filter(Path.is_file, gen.rglob("*")):

@@ -4,7 +4,7 @@
 and then runs this script inside the copy (see `copier.yml`), so the template root keeps no Jinja
 syntax, stays directly runnable and testable, and there is no second tree to keep in sync. By hand:
 
-    python3 src/transfer_cases/tools/new_project.py --project-name my-task --package-name my_task \
+    python3 scripts/new_project.py --project-name my-task --package-name my_task \
         [--data-path /data/images] [--case small_similar] [--backbone mobilenet_v2] [--root .]
 
 Standard library only and Python 3.9+: it runs under copier's interpreter, before the new project
@@ -37,7 +37,8 @@ TEMPLATE_ONLY = (
     "copier.yml",
     "copier.yaml",
     "tests/test_new_project.py",
-    "src/{package}/tools/new_project.py",
+    "scripts/new_project.py",
+    "scripts/__init__.py",
     "docs/new_project.md",
 )
 NEW_TASK_SECTION = re.compile(r"^## Start a new (task|project)\b.*?(?=^## |\Z)", re.M | re.S)
@@ -259,6 +260,8 @@ def remove_template_machinery(root: Path, package: str) -> None:
     """Drop what only creates new projects: copier.yml, this script, its test, `make new`, its README part."""
     for rel in TEMPLATE_ONLY:
         (root / rel.format(package=package)).unlink(missing_ok=True)
+    if (root / "scripts").is_dir() and not any((root / "scripts").iterdir()):
+        (root / "scripts").rmdir()
     readme = root / "README.md"
     if readme.is_file():
         readme.write_text(NEW_TASK_SECTION.sub("", readme.read_text(encoding="utf-8")), encoding="utf-8")
