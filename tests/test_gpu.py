@@ -42,24 +42,24 @@ def one_epoch(report: Path, *overrides: str) -> list[str]:
         "test=false",
         "callbacks.progress_bar.refresh_rate=0",
         f"+callbacks.freeze_guard.report_dir={report}",
-        "+callbacks.probe._target_=tests.helpers.probe.TrainingProbe",
-        f"+callbacks.probe.report_dir={report}",
+        "+callbacks.training_report._target_=tests.helpers.training_report.TrainingReport",
+        f"+callbacks.training_report.report_dir={report}",
     ]
 
 
 def reports(folder: Path, kind: str) -> list[dict]:
-    """The per-rank JSON reports of FreezeGuard (`freeze_guard`) or TrainingProbe (`probe`), by rank."""
+    """The per-rank JSON reports of FreezeGuard (`freeze_guard`) or TrainingReport, by rank."""
     return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{kind}_rank*.json"))]
 
 
-def check_rank(probe: dict, guard: dict, precision: str) -> None:
-    """What every rank of a mixed-precision channels_last run must show."""
-    assert probe["device"].startswith("cuda")
-    assert probe["precision"] == precision
-    assert len(probe["losses"]) == 2 and all(math.isfinite(v) for v in probe["losses"])
-    assert probe["logits_dtypes"] == [AUTOCAST_DTYPE[precision]]  # autocast ran the head
-    assert probe["head_weight_dtype"] == "torch.float32"  # AMP keeps float32 weights
-    assert probe["channels_last_weights"] and probe["channels_last_inputs"] == [True]
+def check_rank(seen: dict, guard: dict, precision: str) -> None:
+    """What every rank of a mixed-precision channels_last seen must show."""
+    assert seen["device"].startswith("cuda")
+    assert seen["precision"] == precision
+    assert len(seen["losses"]) == 2 and all(math.isfinite(v) for v in seen["losses"])
+    assert seen["logits_dtypes"] == [AUTOCAST_DTYPE[precision]]  # autocast ran the head
+    assert seen["head_weight_dtype"] == "torch.float32"  # AMP keeps float32 weights
+    assert seen["channels_last_weights"] and seen["channels_last_inputs"] == [True]
     assert guard["start"] == guard["end"]  # frozen weights and BatchNorm statistics, bit for bit
 
 
@@ -73,26 +73,26 @@ def test_each_case_trains_one_epoch_on_a_gpu(
     cfg = compose_train(*one_epoch(report, "trainer=gpu", f"case={case}", f"precision={precision}"))
     result = train(cfg)
     assert math.isfinite(result["metrics"]["train/loss_epoch"]) and "val/acc" in result["metrics"]
-    (probe,), (guard,) = reports(report, "probe"), reports(report, "freeze_guard")
-    check_rank(probe, guard, precision)
-    assert probe["device"] == "cuda:0" and probe["world_size"] == 1
+    (seen,), (guard,) = reports(report, "training_report"), reports(report, "freeze_guard")
+    check_rank(seen, guard, precision)
+    assert seen["device"] == "cuda:0" and seen["world_size"] == 1
 
 
 @RunIf(min_gpus=2)
 @pytest.mark.parametrize("case", CASES)
 def test_ddp_on_two_gpus(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # DDP starts its second rank as a new process: both must find tests.helpers.probe.
+    # DDP starts its second rank as a new process: both must find tests.helpers.training_report.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     report = tmp_path / "report"
     overrides = one_epoch(report, "trainer=ddp", "trainer.devices=2", f"case={case}", "precision=16-mixed")
     run = run_cli("transfer-train", *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
-    probes, guards = reports(report, "probe"), reports(report, "freeze_guard")
-    assert [p["rank"] for p in probes] == [0, 1] and [g["rank"] for g in guards] == [0, 1]
-    assert sorted(p["device"] for p in probes) == ["cuda:0", "cuda:1"]
-    for probe, guard in zip(probes, guards, strict=True):
-        assert probe["world_size"] == 2
-        check_rank(probe, guard, "16-mixed")
+    seen_by_rank, guards = reports(report, "training_report"), reports(report, "freeze_guard")
+    assert [p["rank"] for p in seen_by_rank] == [0, 1] and [g["rank"] for g in guards] == [0, 1]
+    assert sorted(p["device"] for p in seen_by_rank) == ["cuda:0", "cuda:1"]
+    for seen, guard in zip(seen_by_rank, guards, strict=True):
+        assert seen["world_size"] == 2
+        check_rank(seen, guard, "16-mixed")
         assert guard["find_unused_parameters"] is False
     assert guards[0]["start"] == guards[1]["start"]  # both ranks froze the same pretrained prefix
 

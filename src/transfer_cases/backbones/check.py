@@ -1,6 +1,6 @@
 """Check a declared stage layout against the real model with one small input.
 
-Stages are declared, never derived from a probe: this pass only confirms the declaration (a
+Stages are declared, never derived from a forward pass: this pass only confirms the declaration (a
 torchvision release that renamed a layer, a timm model whose `feature_info` means something else)
 and refuses what the staged body cannot describe, such as channels-last (B, H, W, C) stage outputs.
 """
@@ -16,10 +16,10 @@ from torch import nn
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.utils.errors import ConfigError
 
-PROBE_SIZE = 64
+CHECK_SIZE = 64
 
 
-def check_stages(body: StagedBody, size: int = PROBE_SIZE) -> None:
+def check_stages(body: StagedBody, size: int = CHECK_SIZE) -> None:
     """Raise `ConfigError` unless every stage returns (B, width, size/stride, size/stride) maps."""
     size = max(size, *body.strides)
     x = torch.zeros(1, 3, size, size)
@@ -47,7 +47,7 @@ def check_stages(body: StagedBody, size: int = PROBE_SIZE) -> None:
 
 @contextmanager
 def eval_no_grad(module: nn.Module) -> Iterator[None]:
-    """Probe passes run in eval mode without gradients, so BatchNorm statistics stay untouched."""
+    """Check passes run in eval mode without gradients, so BatchNorm statistics stay untouched."""
     modes = {m: m.training for m in module.modules()}
     try:
         module.eval()

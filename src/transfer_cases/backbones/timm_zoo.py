@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer_cases.backbones.check import PROBE_SIZE, check_stages, eval_no_grad
+from transfer_cases.backbones.check import CHECK_SIZE, check_stages, eval_no_grad
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.backbones.weights import is_weights_path, load_weights_path
 from transfer_cases.training.preprocess import Preprocess
@@ -174,7 +174,7 @@ def _stage(
     ends = [f["module"] for f in info]
     children = _flat_children(model, ends)
     top = dict(model.named_children())
-    x = torch.randn(1, 3, PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, CHECK_SIZE, CHECK_SIZE, generator=torch.Generator().manual_seed(0))
     order: list[str] = []
     maps: dict[str, torch.Tensor] = {}
     ran_head: list[str] = []

@@ -1,4 +1,4 @@
-"""`TrainingProbe`: a callback that reports what a training run really did, for tests on GPUs and DDP."""
+"""`TrainingReport`: a callback that reports what a training run really did, for tests on GPUs and DDP."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import lightning as L
 import torch
 
 
-class TrainingProbe(L.Callback):
-    """Writes `report_dir/probe_rank<N>.json`: device, precision, memory formats, logits dtypes, losses.
+class TrainingReport(L.Callback):
+    """Writes `report_dir/training_report_rank<N>.json`: device, precision, memory formats, logits, losses.
 
     Works in-process and in DDP worker processes (each rank writes its own file), like `FreezeGuard`.
     """
@@ -62,4 +62,6 @@ class TrainingProbe(L.Callback):
         )
         out = Path(self.report_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"probe_rank{trainer.global_rank}.json").write_text(json.dumps(self.report, indent=2))
+        (out / f"training_report_rank{trainer.global_rank}.json").write_text(
+            json.dumps(self.report, indent=2)
+        )
