@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tests.test_configs import TINY_OVERRIDES, run_cli
@@ -155,24 +155,34 @@ def test_transfer_audit_writes_json_and_html_and_one_summary_line(tmp_path: Path
 
 def test_case_auto_audits_the_data_when_the_config_has_the_audit_group(
     compose_train: Callable[..., DictConfig],
-    image_folder: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """After advising, `case=auto` writes audit.json next to advice.json (the run report shows it);
-    a config without the group does not audit."""
+    """After advising, `case=auto` audits into the run folder (next to advice.json, where the run
+    report finds it); a config without the group does not audit; an audit that breaks is a warning."""
     from tests.test_advise_auto import RANK_VARS, FakeAdvisor, advice_for
     from transfer_cases.advise import auto
+    from transfer_cases.reporting import audit_run
 
     for var in RANK_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(auto, "advise_from_config", FakeAdvisor(advice_for(20)))
-    tiny = ("case=auto", *TINY_OVERRIDES, f"data.root={image_folder}")
-    auto.resolve_auto_case(compose_train(*tiny))
-    assert not (tmp_path / "run" / "audit.json").exists()
-    auto.resolve_auto_case(compose_train(*tiny, "+audit=default", "audit.folds=2"))
-    audit = json.loads((tmp_path / "run" / "audit.json").read_text())
-    assert audit["images"] == {"train": 12, "val": 6}
+    calls: list[str] = []
+
+    def fake_audit(cfg: DictConfig, out: Path) -> None:
+        calls.append(str(out))
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(audit_run, "audit_from_config", fake_audit)
+    assert audit_run.audit_if_configured(OmegaConf.create({"case": {}}), tmp_path) is None  # no group
+    assert calls == []
+    assert auto.resolve_auto_case(compose_train("case=auto", "+audit=default")).case == "small_similar"
+    assert calls == [str(tmp_path / "run")]
+    failing = compose_train("case=auto", "+audit=default")  # the advice replaces case=auto in place
+    assert auto.resolve_auto_case(failing).case == "small_similar"  # the audit failed: still advised
+    assert "the data audit did not run: RuntimeError: disk on fire" in caplog.text
 
 
 def test_transfer_audit_refuses_a_bad_setting_before_any_extraction(

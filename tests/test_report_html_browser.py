@@ -73,7 +73,8 @@ def check_page(page: Any, errors: list[str]) -> None:
     )
     assert broken == 0
     load_ms = page.evaluate(
-        "() => { const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime; }"
+        "() => { const t = performance.getEntriesByType('navigation')[0]; "
+        "return t.loadEventEnd - t.startTime; }"
     )
     assert 0 < load_ms < 1000, f"rendered in {load_ms:.0f} ms"
 
