@@ -14,14 +14,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from transfer_cases.backbones.builder import BackboneBuilder
 from transfer_cases.backbones.check import CHECK_SIZE, check_stages, eval_no_grad
 from transfer_cases.backbones.staged import StagedBody
-from transfer_cases.backbones.weights import is_weights_path, load_weights_path
 from transfer_cases.training.preprocess import Preprocess
 from transfer_cases.utils.errors import ConfigError, WeightsError
 
@@ -67,7 +67,7 @@ class TimmPreLogits(nn.Module):
 
 
 @dataclass
-class TimmBackbone:
+class TimmBackbone(BackboneBuilder):
     """A timm model turned into a staged body (`backbone=timm backbone.name=<model>`).
 
     Args:
@@ -79,6 +79,8 @@ class TimmBackbone:
 
     name: str = "resnet18"
     weights: str | None = PRETRAINED
+    weights_example: ClassVar[str | None] = f"backbone.weights={PRETRAINED} or a local file"
+    checks_own_stages: ClassVar[bool] = True  # staged_body names the model in a failed check
 
     def __post_init__(self) -> None:
         timm = import_timm()
@@ -92,37 +94,20 @@ class TimmBackbone:
     def arch(self) -> str:
         return f"timm/{self.name}"
 
-    def build(self, pretrained: bool = True) -> StagedBody:
-        """Build the body, loading the weights when `pretrained` (else random initialisation)."""
-        if pretrained and not self.weights:
-            raise ConfigError(
-                f"the case starts from pretrained weights but backbone.weights is null for {self.arch}; "
-                f"give backbone.weights={PRETRAINED} or a local file, or train from scratch with "
-                "case.init=scratch"
-            )
-        from_hub = pretrained and self.weights == PRETRAINED
-        if pretrained and not from_hub and not is_weights_path(str(self.weights)):
+    def create(self, named_weights: bool) -> tuple[nn.Module, Preprocess, tuple[str, ...]]:
+        if named_weights and self.weights != PRETRAINED:
             raise ConfigError(
                 f"backbone.weights={self.weights} for {self.arch}: give {PRETRAINED} (timm's weights), "
                 "a path to a local file, or null"
             )
-        model = self._create(from_hub)
+        model = self._create(named_weights)
         classifier = model.pretrained_cfg.get("classifier") or ()
         classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
         model.reset_classifier(0)  # the case puts its own head on; this keeps only pre-logits layers
-        preprocess, body_state = timm_preprocess(model), None
-        if pretrained and not from_hub:
-            preprocess, body_state = load_weights_path(
-                model,
-                self.arch,
-                str(self.weights),
-                classifier=tuple(c + "." for c in classifier),
-                default=preprocess,
-            )
-        body = staged_body(model, self.arch, preprocess)
-        if body_state is not None:
-            body.load_body_state(body_state, str(self.weights))
-        return body
+        return model, timm_preprocess(model), tuple(c + "." for c in classifier)
+
+    def stage(self, model: nn.Module, preprocess: Preprocess) -> StagedBody:
+        return staged_body(model, self.arch, preprocess)
 
     def _create(self, from_hub: bool) -> nn.Module:
         timm = import_timm()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
-from transfer_cases.backbones.check import check_stages
+from transfer_cases.backbones.builder import CLASSIFIER_PREFIXES, BackboneBuilder
 from transfer_cases.backbones.staged import StagedBody
-from transfer_cases.backbones.weights import load_weights_path
 from transfer_cases.training.preprocess import Preprocess
 
 
@@ -30,24 +30,26 @@ class _TinyNet(nn.Module):
 
 
 @dataclass
-class TinyCNN:
-    """Conv-BN-ReLU stages that each halve the resolution; `weights` is a local file or None."""
+class TinyCNN(BackboneBuilder):
+    """Conv-BN-ReLU stages that each halve the resolution; `weights` is a local file or None (random)."""
 
     widths: list[int] = field(default_factory=lambda: [8, 16, 32])
     weights: str | None = None
     image_size: int = 64
+    weights_example: ClassVar[str | None] = None  # null weights: random initialisation
 
-    def build(self, pretrained: bool = True) -> StagedBody:
-        model = _TinyNet(self.widths)
-        preprocess = Preprocess(
-            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_size=self.image_size, crop_size=self.image_size
-        )
-        body_state = None
-        if pretrained and self.weights:
-            preprocess, body_state = load_weights_path(model, "tiny_cnn", self.weights, default=preprocess)
+    @property
+    def arch(self) -> str:
+        return "tiny_cnn"
+
+    def is_local(self, weights: str) -> bool:
+        return True  # the tiny body has no named weights
+
+    def create(self, named_weights: bool) -> tuple[nn.Module, Preprocess, tuple[str, ...]]:
+        size = self.image_size
+        preprocess = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_size=size, crop_size=size)
+        return _TinyNet(self.widths), preprocess, CLASSIFIER_PREFIXES
+
+    def stage(self, model: nn.Module, preprocess: Preprocess) -> StagedBody:
         strides = [2 ** (i + 1) for i in range(len(self.widths))]  # every stage halves the resolution
-        body = StagedBody(list(model.features), self.widths, strides, preprocess=preprocess, name="tiny_cnn")
-        check_stages(body)
-        if body_state is not None:
-            body.load_body_state(body_state, str(self.weights))
-        return body
+        return StagedBody(list(model.features), self.widths, strides, preprocess=preprocess, name=self.arch)

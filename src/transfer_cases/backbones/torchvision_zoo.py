@@ -16,9 +16,9 @@ from torch import nn
 from torchvision import models
 from torchvision.models.convnext import LayerNorm2d
 
-from transfer_cases.backbones.check import check_stages
+from transfer_cases.backbones.builder import BackboneBuilder
 from transfer_cases.backbones.staged import StagedBody
-from transfer_cases.backbones.weights import is_weights_path, load_torchvision_weights, load_weights_path
+from transfer_cases.backbones.weights import load_torchvision_weights
 from transfer_cases.training.preprocess import Preprocess
 from transfer_cases.utils.errors import ConfigError
 
@@ -189,7 +189,6 @@ def staged_body(model: nn.Module, arch: str, preprocess: Preprocess | None = Non
         preprocess=preprocess,
         name=arch,
     )
-    check_stages(body)
     return body
 
 
@@ -208,7 +207,7 @@ def _on_vectors(neck: nn.Module) -> nn.Module:
 
 
 @dataclass
-class TorchvisionBackbone:
+class TorchvisionBackbone(BackboneBuilder):
     """A torchvision classifier turned into a staged body.
 
     Args:
@@ -222,23 +221,12 @@ class TorchvisionBackbone:
     def __post_init__(self) -> None:
         table_of(self.arch)
 
-    def build(self, pretrained: bool = True) -> StagedBody:
-        """Build the body, loading the weights when `pretrained` (else random initialisation)."""
-        if pretrained and not self.weights:
-            raise ConfigError(
-                f"the case starts from pretrained weights but backbone.weights is null for {self.arch}; "
-                "give a weights name or file, or train from scratch with case.init=scratch"
-            )
+    def create(self, named_weights: bool) -> tuple[nn.Module, Preprocess, tuple[str, ...]]:
         model = models.get_model(self.arch, weights=None)
-        preprocess, body_state = Preprocess(), None
-        if pretrained:
-            if is_weights_path(str(self.weights)):
-                preprocess, body_state = load_weights_path(
-                    model, self.arch, self.weights, classifier=(table_of(self.arch).classifier + ".",)
-                )
-            else:
-                preprocess = load_torchvision_weights(model, self.arch, str(self.weights))
-        body = staged_body(model, self.arch, preprocess)
-        if body_state is not None:
-            body.load_body_state(body_state, str(self.weights))
-        return body
+        preprocess = (
+            load_torchvision_weights(model, self.arch, str(self.weights)) if named_weights else Preprocess()
+        )
+        return model, preprocess, (table_of(self.arch).classifier + ".",)
+
+    def stage(self, model: nn.Module, preprocess: Preprocess) -> StagedBody:
+        return staged_body(model, self.arch, preprocess)

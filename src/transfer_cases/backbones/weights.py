@@ -21,7 +21,7 @@ from transfer_cases.utils.errors import ConfigError, WeightsError
 
 # Keys of the original classifier: a weights file may lack them (backbone-only export), and they are
 # dropped when the model has none (a timm model whose classifier was removed).
-_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.")
+CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.")
 WEIGHTS_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors"}
 
 
@@ -68,7 +68,7 @@ def load_weights_path(
     arch: str,
     path: str | Path,
     *,
-    classifier: tuple[str, ...] = _CLASSIFIER_PREFIXES,
+    classifier: tuple[str, ...] = CLASSIFIER_PREFIXES,
     default: Preprocess | None = None,
 ) -> tuple[Preprocess, dict[str, torch.Tensor] | None]:
     """Load a local weights file into `model`, naming the file in every error.
