@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 DEST ?=
 
-.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix matrix-real notebook new clean
+.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix matrix-real notebook new clean test-browser
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'

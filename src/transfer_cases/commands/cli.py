@@ -74,6 +74,9 @@ def run_hydra(task_main: Callable[[], Any]) -> None:
     DDP workers it starts); a user who set it keeps the full traceback of these errors too."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
+    from transfer_cases.reporting.terminal import quiet_upstream_noise
+
+    quiet_upstream_noise()
     register_resolvers()
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
