@@ -25,7 +25,7 @@ train: $(STAMP)  ## the default job: small_similar, embedded MobileNetV2 + hymen
 # one two-threaded process on small tensors, and never oversubscribe the cores.
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
-test: $(STAMP)  ## the fast test suite (2-3.5 minutes on 2 cores)
+test: $(STAMP)  ## the fast test suite (a few minutes)
 	$(PYTEST) $(ARGS)
 
 test-all: $(STAMP)  ## fast and slow tests
@@ -58,7 +58,7 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 		callbacks.progress_bar.refresh_rate=0 hydra.sweep.dir=outputs/matrix $(ARGS)
 	$(BIN)/transfer-report outputs/matrix --out notebooks/results
 
-matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto, LP-FT); ~1.5 h, resumable
+matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto, LP-FT); long, resumable
 	$(BIN)/python -m studies.matrix_real $(ARGS)
 
 # `jupyter execute` (nbclient, in the dev extras) starts the kernel in notebooks/; the notebook puts a
@@ -69,7 +69,7 @@ notebook: $(STAMP)  ## run notebooks/01_four_cases.ipynb headless; results and e
 	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter execute --output="$(CURDIR)/outputs/notebook/01_four_cases" \
 		notebooks/01_four_cases.ipynb $(ARGS)
 
-bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (~35 min on 2 cores)
+bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (long)
 	$(BIN)/python bench/bench.py $(ARGS)
 
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU

@@ -59,7 +59,7 @@ def linear_probe_accuracy(
         threads: torch intra-op threads while fitting (restored after); None keeps the current
             setting. One by default: the matrices are skinny (C columns), so a second thread gains
             little on an idle machine, while on a busy one (parallel tests, data-loader workers)
-            the threads wait for each other and the same fit took 5-70x longer in our measurements.
+            the threads wait for each other and the fit slows down many times over.
     """
     x = torch.as_tensor(np.asarray(features), dtype=dtype)
     y_raw = np.asarray(labels).reshape(-1)
@@ -116,7 +116,7 @@ def _fit_folds(
 
     All k probes are fitted at once, as one objective (the sum of the folds' losses, which are
     independent, so each fold's optimum is unchanged): the features are read once per step for
-    all folds, about 5x faster than k separate fits on CPU. Each fold's standardisation (mean and
+    all folds, faster than k separate fits. Each fold's standardisation (mean and
     std of its training rows) is folded into its weights: ((x - mu) / s) W = x (W / s) - (mu / s) W.
     """
     n, d = x.shape

@@ -31,7 +31,7 @@ class FreezeGuard(L.Callback):
     """Checks the frozen-means-frozen invariants during fit, on every rank.
 
     At each training step the frozen stages must be in eval mode; at epoch ends (at most every
-    `check_interval_s` seconds: a digest of the body costs ~15 ms, a third of a 45 ms epoch of a head on
+    `check_interval_s` seconds: a digest of the body can cost more than an epoch of a head on
     cached features), before every checkpoint and when training ends, their weights and BatchNorm
     statistics must be bit-identical to those at the start of training: taken in
     `on_train_start`, after every strategy has restored a resumed run's checkpoint (some, such as
