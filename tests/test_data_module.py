@@ -188,16 +188,16 @@ def test_imagefolder_config_uses_val_folder_else_carves_a_fraction(
 
 
 BAD_DATA_SETTINGS = {
-    "data.batch_size=0": r"data\.batch_size=0 must be a positive integer .*per device.*batch_size=32",
-    "data.batch_size=-1": r"data\.batch_size=-1 must be a positive integer",
-    "data.batch_size=abc": r"data\.batch_size='abc' must be a positive integer",
-    "data.batch_size=2.5": r"data\.batch_size=2\.5 must be a positive integer",
-    "data.batch_size=true": r"data\.batch_size=True must be a positive integer",
-    "data.num_workers=-1": r"data\.num_workers=-1 must be an integer >= 0 .*data\.num_workers=2",
-    "data.num_workers=two": r"data\.num_workers='two' must be an integer >= 0",
-    "data.samples_per_class=0": r"data\.samples_per_class=0 must be a positive integer or null",
-    "data.image_size=big": r"data\.image_size='big' must be a positive integer or null",
-    "data.image_size=0": r"data\.image_size=0 must be a positive integer or null \(pixels; .*image_size=64",
+    "data.batch_size=0": r"data\.batch_size=0 is not a whole number >= 1 .*per device.*batch_size=32",
+    "data.batch_size=-1": r"data\.batch_size=-1 is not a whole number >= 1",
+    "data.batch_size=abc": r"data\.batch_size='abc' is not a whole number >= 1",
+    "data.batch_size=2.5": r"data\.batch_size=2\.5 is not a whole number >= 1",
+    "data.batch_size=true": r"data\.batch_size=True is not a whole number >= 1",
+    "data.num_workers=-1": r"data\.num_workers=-1 is not a whole number >= 0 .*data\.num_workers=2",
+    "data.num_workers=two": r"data\.num_workers='two' is not a whole number >= 0",
+    "data.samples_per_class=0": r"data\.samples_per_class=0 is not a whole number >= 1 or null",
+    "data.image_size=big": r"data\.image_size='big' is not a whole number >= 1 or null",
+    "data.image_size=0": r"data\.image_size=0 is not a whole number >= 1 or null \(pixels; .*image_size=64",
     "data.val_fraction=half": r"data\.val_fraction='half' must be between 0 and 1",
     "data.val_fraction=1": r"data\.val_fraction=1 must be between 0 and 1",
 }

@@ -12,8 +12,9 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
 from transfer_cases.commands.cli import exit_with_error
-from transfer_cases.utils.errors import TransferCasesError
+from transfer_cases.utils.errors import ConfigError, TransferCasesError
 from transfer_cases.utils.folders import check_creatable_dir
+from transfer_cases.utils.validate import whole
 
 
 class OutputFolderCheck(HydraCallback):
@@ -46,14 +47,14 @@ class OptunaSweepCheck(HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
-        for key in ("n_trials", "n_jobs"):
-            value = sweeper.get(key)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                exit_with_error(
-                    f"hydra.sweeper.{key}={value!r} is not a whole number >= 1 (the number of "
-                    f"{'trials the search runs' if key == 'n_trials' else 'trials run at once'}); "
-                    f"e.g. hydra.sweeper.{key}={12 if key == 'n_trials' else 1}"
-                )
+        for key, why, example in (
+            ("n_trials", "the number of trials the search runs", 12),
+            ("n_jobs", "the number of trials run at once", 1),
+        ):
+            try:
+                whole(1, example=example, why=why)(sweeper.get(key), f"hydra.sweeper.{key}")
+            except ConfigError as e:
+                exit_with_error(str(e))
         metric, direction = config.get("optimized_metric"), sweeper.get("direction")
         wanted = "minimize" if isinstance(metric, str) and "loss" in metric.rpartition("/")[2] else "maximize"
         if isinstance(direction, str) and direction != wanted:

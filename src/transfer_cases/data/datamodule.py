@@ -27,6 +27,7 @@ from transfer_cases.data.splits import Splits, Stream, rng, split_per_class, tak
 from transfer_cases.data.transforms import check_crop_scale, eval_transform, train_transform
 from transfer_cases.training.preprocess import Preprocess
 from transfer_cases.utils.errors import ConfigError, DataError
+from transfer_cases.utils.validate import whole
 
 log = RankZeroLogger(__name__)
 
@@ -42,13 +43,10 @@ def _as_preprocess(value: Preprocess | Mapping[str, Any] | None) -> Preprocess:
 
 
 def _check_int(name: str, value: Any, minimum: int, what: str, example: str, nullable: bool = False) -> None:
-    """Refuse a setting that is not an integer >= minimum (booleans and strings included)."""
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        null = " or null" if nullable else ""
-        raise ConfigError(f"data.{name}={value!r} must be {bound}{null} ({what}); e.g. data.{name}={example}")
+    """Refuse a setting that is not a whole number >= minimum (booleans and strings included)."""
+    if isinstance(value, np.integer):
+        value = int(value)
+    whole(minimum, example=int(example), optional=nullable, why=what)(value, f"data.{name}")
 
 
 class ClassificationDataModule(L.LightningDataModule):

@@ -60,7 +60,7 @@ def whole(
 ) -> Rule:
     """A whole number (not a boolean) in [low, high]; null too when `optional`. `why` says what the
     setting means, in the message."""
-    bounds = f">= {low}" if high is None else f"from {low} to {high}"
+    bounds = (f">= {low}" if high is None else f"from {low} to {high}") + (" or null" if optional else "")
     note = f" ({why})" if why else ""
 
     def rule(value: Any, key: str) -> Any:
