@@ -42,6 +42,7 @@ from transfer_cases import build, config_dir
 from transfer_cases.commands.cli import instantiate_list
 from transfer_cases.commands.train import train
 from transfer_cases.features import EXTRACTIONS, Extraction, choose_backend, extract, resolve_extraction
+from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.onnx_body import export_body, missing_runtime
 from transfer_cases.training.recipe import phase_data
 from transfer_cases.utils.config import instantiate_clean
@@ -399,13 +400,15 @@ def frozen_vs_naive(tmp: Path, steps: int) -> dict[str, float]:
     naive, _ = build(compose_cfg("case=large_similar", "cache.enabled=false", out=tmp / "steps2"))
     BaseFinetuning.freeze(naive.backbone, train_bn=True)
 
-    def step_time(module: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def step_time(
+        module: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]], batch_type: Any = None
+    ) -> float:
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
         module.train()
         times = []
         for i, (x, y) in enumerate(inputs):
             start = time.perf_counter()
-            loss = module.loss(module._logits(x), y)
+            loss = module.loss(module._logits(batch_type(x, y) if batch_type else (x, y)), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -419,7 +422,7 @@ def frozen_vs_naive(tmp: Path, steps: int) -> dict[str, float]:
     return {
         "ours": step_time(ours, batches),
         "naive": step_time(naive, batches),
-        "cached": step_time(ours, features),
+        "cached": step_time(ours, features, FeatureBatch),
         "naive_trainable": sum(p.numel() for p in naive.parameters() if p.requires_grad),
         "ours_trainable": sum(p.numel() for p in ours.parameters() if p.requires_grad),
     }
