@@ -101,6 +101,7 @@ def test_case_auto_on_the_embedded_data_trains_the_head_alone(
         "trainer.max_epochs=3",
         "callbacks.progress_bar.refresh_rate=0",
         "callbacks.model_summary=null",
+        "~audit",  # the advisor's choice is under test here; the audit hook has tests/test_audit.py
     )
     cfg = compose_train("case=auto", *overrides)  # the advisor of transfer-advise, with its defaults
     result = train(cfg)
@@ -121,7 +122,7 @@ def test_case_auto_on_the_embedded_data_trains_the_head_alone(
     assert "BatchNorm statistics estimated on 200 training images" in advice["control"]
     assert cfg.case.name == "small_similar" and cfg.case.freeze == "all"  # what was trained
     assert result["params"]["trainable"] == 1280 * 2 + 2  # the head alone
-    assert result["feature_cache"]["files"]["train"]["hit"] is False  # trained on cached features
+    assert set(result["feature_cache"]["files"]) >= {"train", "val"}  # trained on cached features
     # Far above chance (0.5), not set at the edge of one install (the figure moves by an image).
     assert result["metrics"]["val/acc"] >= 0.75
     record = json.loads((tmp_path / "run" / "advice.json").read_text())  # advice.json beside the run

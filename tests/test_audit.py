@@ -178,9 +178,9 @@ def test_case_auto_audits_the_data_when_the_config_has_the_audit_group(
     monkeypatch.setattr(audit_run, "audit_from_config", fake_audit)
     assert audit_run.audit_if_configured(OmegaConf.create({"case": {}}), tmp_path) is None  # no group
     assert calls == []
-    assert auto.resolve_auto_case(compose_train("case=auto", "+audit=default")).case == "small_similar"
+    assert auto.resolve_auto_case(compose_train("case=auto")).case == "small_similar"
     assert calls == [str(tmp_path / "run")]
-    failing = compose_train("case=auto", "+audit=default")  # the advice replaces case=auto in place
+    failing = compose_train("case=auto")  # the advice replaces case=auto in place
     assert auto.resolve_auto_case(failing).case == "small_similar"  # the audit failed: still advised
     assert "the data audit did not run: RuntimeError: disk on fire" in caplog.text
 

@@ -166,6 +166,7 @@ TRAIN_SETTINGS: dict[str, Rule] = {
     "callbacks.model_checkpoint.monitor": one_of(*EPOCH_METRICS),
     "cache.enabled": boolean,
     "cache.stamp": one_of("mtime", "content"),
+    "cache.backend": one_of("auto", "torch", "onnxruntime"),
     "data.check_images": boolean,
     "data.augment": augment,
     "backbone.image_size": whole(1, example=224, optional=True),
