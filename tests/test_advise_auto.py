@@ -74,7 +74,7 @@ def test_case_auto_checks_the_config_before_the_advisor_runs(
     assert advisor.calls == []  # refused before any feature was extracted
 
 
-@pytest.mark.parametrize("per_class, probe_epochs", [(20, 0), (2000, 3)])
+@pytest.mark.parametrize("per_class, probe_epochs", [(20, 0), pytest.param(2000, 3, marks=pytest.mark.slow)])
 def test_probe_epochs_on_case_auto_is_dropped_with_a_note_when_the_pick_trains_the_head_alone(
     compose_train: Callable[..., DictConfig],
     fake: Callable[[Advice], FakeAdvisor],

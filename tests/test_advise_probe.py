@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfer_cases.advise.probe import _fit_folds, _torch_threads, linear_probe_accuracy, stratified_folds
+from transfer_cases.advise.probe import _torch_threads, fit_folds, linear_probe_accuracy, stratified_folds
 from transfer_cases.utils.errors import DataError
 
 
@@ -58,7 +58,7 @@ def _check_batched_fit_against_separate_fits() -> None:
     for f, t in enumerate(tests):
         train[t, f] = False
     l2 = 0.05
-    batched = _fit_folds(x, y, train, 3, l2, max_iter=500)
+    batched = fit_folds(x, y, train, 3, l2, max_iter=500)
     for f in range(len(tests)):
         rows = train[:, f]
         mean, std = x[rows].mean(0), x[rows].std(0, correction=0)

@@ -54,7 +54,7 @@ BAD_VALUES = {
     "case.epochs=true": r"case\.epochs=True is not a whole number >= 1; e\.g\. case\.epochs=5",
     "case.probe_epochs=-1": r"case\.probe_epochs must be a whole number >= 0, got -1",
     "case.bn_mode=foo": r"case\.bn_mode must be 'train' or 'eval', got 'foo'",
-    "cache.train_views=-1": r"cache\.train_views=-1 must be 0 \(no augmentation\) or a positive integer .*"
+    "cache.train_views=-1": r"cache\.train_views=-1 is not a whole number >= 0 \(augmented views per .*"
     r"e\.g\. cache\.train_views=0",
     "cache.extraction=int8": r"cache\.extraction=int8 is not one of: auto, fp32, .*bf16",
 }

@@ -88,6 +88,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path, image_folder: Pat
     assert second["status"] == "ok" and second["metrics"]["val/acc"] >= 0
 
 
+@pytest.mark.slow  # two real runs started together
 def test_runs_started_in_the_same_second_do_not_collide(tmp_path: Path, image_folder: Path) -> None:
     exe = Path(sys.executable).with_name("transfer-train")
     args = [str(exe), *QUIET, f"data.root={image_folder}"]

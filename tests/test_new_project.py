@@ -249,7 +249,9 @@ def test_bad_answers_are_refused_before_any_change(tmp_path: Path, answers: Answ
 # --- copier end to end -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("custom", [False, True], ids=["defaults", "custom"])
+@pytest.mark.parametrize(
+    "custom", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["defaults", "custom"]
+)
 def test_generated_project_is_renamed_and_configured(
     template: Path, generated: Path, tmp_path: Path, custom: bool
 ) -> None:

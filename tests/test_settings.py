@@ -163,7 +163,7 @@ BAD_SETTINGS = {
     r"train/acc, train/loss_epoch",
     "data.augment=foo": r"data\.augment='foo' is not a list of transforms \(mappings with a _target_\); "
     r"e\.g\. data\.augment=\[\] for none",
-    "backbone.image_size=0": rf"backbone\.image_size=0 {WHOLE} >= 1; e\.g\. backbone\.image_size=224",
+    "backbone.image_size=0": rf"backbone\.image_size=0 {WHOLE} >= 1 or null; e\.g\. backbone\.image_size=224",
     "model.head.dropout=true": r"model\.head\.dropout=True must be a number >= 0 and < 1; e\.g\. "
     r"model\.head\.dropout=0\.2",
     "model.head.dropout=1": r"model\.head\.dropout=1 must be a number >= 0 and < 1",

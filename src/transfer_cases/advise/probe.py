@@ -54,7 +54,7 @@ def linear_probe_accuracy(
         folds: k of the k-fold; lowered to the size of the smallest class (at least 2) so that
             every fold can hold a sample of every class.
         l2: penalty on the weights, added to the mean cross-entropy as `l2 / 2 * ||W||^2`.
-        max_iter: L-BFGS iterations (the folds are fitted together, see `_fit_folds`).
+        max_iter: L-BFGS iterations (the folds are fitted together, see `fit_folds`).
         seed: seeds the fold assignment.
         threads: torch intra-op threads while fitting (restored after); None keeps the current
             setting. One by default: the matrices are skinny (C columns), so a second thread gains
@@ -73,7 +73,7 @@ def linear_probe_accuracy(
     for f, test_idx in enumerate(test_sets):
         train[test_idx, f] = False
     with _torch_threads(threads):
-        logits = _fit_folds(x, torch.as_tensor(y_index), torch.as_tensor(train), len(classes), l2, max_iter)
+        logits = fit_folds(x, torch.as_tensor(y_index), torch.as_tensor(train), len(classes), l2, max_iter)
     predicted = logits.argmax(dim=2).numpy()  # (n, k)
     acc = np.array([(predicted[t, f] == y_index[t]).mean() for f, t in enumerate(test_sets)])
     return ProbeResult(float(acc.mean()), float(acc.std(ddof=1)), tuple(float(a) for a in acc))
@@ -108,7 +108,7 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _fit_folds(
+def fit_folds(
     x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, num_classes: int, l2: float, max_iter: int
 ) -> torch.Tensor:
     """Fit one probe per fold (column of the boolean `train` mask) and return every probe's logits

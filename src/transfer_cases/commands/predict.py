@@ -110,7 +110,8 @@ def iter_predictions(
     check_batch_size(batch_size)
     features = body_runner(module, len(images), backend, cache_dir)
     transform = eval_transform(module.preprocess)
-    with tqdm(total=len(images), desc="predict", unit="img", disable=len(images) < 2 * batch_size) as bar:
+    quiet = True if len(images) < 2 * batch_size else None  # None: a bar on a terminal only, not in logs
+    with tqdm(total=len(images), desc="predict", unit="img", disable=quiet) as bar:
         for batch in _batches(images, batch_size):
             rows: dict[Path, dict[str, object]] = {}
             tensors, readable = [], []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,42 @@ from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import resolve_extraction
 from transfer_cases.features.store import FeatureSet, FeatureStore
 from transfer_cases.utils.errors import ConfigError, DataError
+from transfer_cases.utils.validate import one_of, whole
 
 log = logging.getLogger(__name__)
 EVAL_ROWS = 4096  # feature rows per evaluation batch: 20 MB of 1280-d fp32 features
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How the frozen body's passes run, checked when made (a bad name fails before any extraction).
+
+    Args:
+        train_views: 0 for the un-augmented view of each train image, K for K augmented views.
+        extraction: numerics of the train split's pass (`auto`, `fp32`, `bf16`, ...; `features.extract`).
+        batch_size: images per extraction batch (training batches keep the data module's batch size).
+        eval_extraction: numerics of the val and test splits' pass (the deployed model's: fp32 arithmetic).
+        stamp: how the cache key identifies image files (`data.sources.STAMPS`).
+        backend: the engine of the passes: auto, torch or onnxruntime (`features.backend`).
+    """
+
+    train_views: int = 0
+    extraction: str = "auto"
+    batch_size: int = 64
+    eval_extraction: str = "channels_last"
+    stamp: str = "mtime"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        whole(0, example=0, why="augmented views per training image; 0: none")(
+            self.train_views, "cache.train_views"
+        )
+        whole(1, example=64, why="images per extraction batch")(self.batch_size, "cache.batch_size")
+        one_of(*STAMPS, example="mtime")(self.stamp, "cache.stamp")
+        backend = check_backend(self.backend)
+        strict = {"backend": backend, "strict": backend != "auto"}
+        resolve_extraction(self.extraction, torch.device("cpu"), **strict)
+        resolve_extraction(self.eval_extraction, torch.device("cpu"), "cache.eval_extraction", **strict)
 
 
 class CachedFeatureDataModule(L.LightningDataModule):
@@ -53,25 +87,11 @@ class CachedFeatureDataModule(L.LightningDataModule):
         images: the image data module (already given the weights' preprocessing).
         body: the kept body; must be fully frozen.
         store: where feature files live.
-        train_views: 0 for the un-augmented view of each train image, K for K augmented views.
-        extraction: numerics of the train split's pass (`auto`, `fp32`, `bf16`, ...; `features.extract`).
-        eval_extraction: numerics of the val and test splits' pass (the deployed model's: fp32 arithmetic).
-        batch_size: images per extraction batch (training batches keep the data module's batch size).
-        stamp: how the cache key identifies image files (`data.sources.STAMPS`).
-        backend: the engine of the passes: auto, torch or onnxruntime (`features.backend`).
+        settings: how the passes run (views, numerics, batch size, stamp, backend).
     """
 
     def __init__(
-        self,
-        images: Any,
-        body: StagedBody,
-        store: FeatureStore,
-        train_views: int = 0,
-        extraction: str = "auto",
-        batch_size: int = 64,
-        eval_extraction: str = "channels_last",
-        stamp: str = "mtime",
-        backend: str = "auto",
+        self, images: Any, body: StagedBody, store: FeatureStore, settings: ExtractionSettings | None = None
     ) -> None:
         super().__init__()
         if not body.fully_frozen:
@@ -79,12 +99,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.images = images
         self.body = body
         self.store = store
-        self.train_views = train_views
-        self.extraction = extraction
-        self.eval_extraction = eval_extraction
-        self.batch_size = batch_size
-        self.stamp = stamp
-        self.backend = check_backend(backend)
+        self.settings = settings or ExtractionSettings()
         self.train_dataset: FeatureRows | None = None
         self.val_dataset: FeatureRows | None = None
         self.test_dataset: FeatureRows | None = None
@@ -111,12 +126,12 @@ class CachedFeatureDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         test = self.images.test_dataset
         splits = [self.images.train_dataset, self.images.val_dataset, *([test] if test is not None else [])]
-        images = len(splits[0]) * max(1, self.train_views) + sum(len(d) for d in splits[1:])
-        backend, why = choose_backend(self.backend, device, images, self.images.preprocess.crop_size)
-        strict = self.backend != "auto"
-        numerics = resolve_extraction(self.extraction, device, backend=backend, strict=strict)
+        images = len(splits[0]) * max(1, self.settings.train_views) + sum(len(d) for d in splits[1:])
+        backend, why = choose_backend(self.settings.backend, device, images, self.images.preprocess.crop_size)
+        strict = self.settings.backend != "auto"
+        numerics = resolve_extraction(self.settings.extraction, device, backend=backend, strict=strict)
         eval_numerics = resolve_extraction(
-            self.eval_extraction, device, "cache.eval_extraction", backend=backend, strict=strict
+            self.settings.eval_extraction, device, "cache.eval_extraction", backend=backend, strict=strict
         )
         log.info(
             "feature extraction on %s: train %s, val/test %s (%s)",
@@ -135,19 +150,19 @@ class CachedFeatureDataModule(L.LightningDataModule):
         }
 
         def features(split: str, dataset: Dataset, view: int | None) -> FeatureSet:
-            label = split if view is None else f"{split} view {view + 1}/{self.train_views}"
+            label = split if view is None else f"{split} view {view + 1}/{self.settings.train_views}"
             fs, hit, path = cached_features(
                 self.store,
                 self.body,
                 dataset,
                 device=device,
                 numerics=numerics if split == "train" else eval_numerics,
-                batch_size=self.batch_size,
+                batch_size=self.settings.batch_size,
                 num_workers=self.images.num_workers,
                 view=view,
                 seed=self.images.seed,
                 label=f"extracting {label} features",
-                stamp=self.stamp,
+                stamp=self.settings.stamp,
             )
             self.report["files"][label] = {
                 "path": path and str(path),
@@ -159,10 +174,10 @@ class CachedFeatureDataModule(L.LightningDataModule):
             return fs
 
         train = self.images.train_dataset
-        if self.train_views == 0:
+        if self.settings.train_views == 0:
             train_fs = features("train", self._eval_copy(train), None)
         else:
-            views = [features("train", train, v) for v in range(self.train_views)]
+            views = [features("train", train, v) for v in range(self.settings.train_views)]
             train_fs = FeatureSet(torch.stack([v.features for v in views], dim=1), views[0].labels)
         self.train_dataset = _tensors(train_fs)
         self.val_dataset = _tensors(features("val", self.images.val_dataset, None))
@@ -244,30 +259,12 @@ class FeatureCache:
         stamp: str = "mtime",
         backend: str = "auto",
     ) -> None:
-        if isinstance(train_views, bool) or not isinstance(train_views, int) or train_views < 0:
-            raise ConfigError(
-                f"cache.train_views={train_views!r} must be 0 (no augmentation) or a positive integer "
-                "(augmented views per training image); e.g. cache.train_views=0"
-            )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(
-                f"cache.batch_size={batch_size!r} must be a positive integer (images per extraction batch); "
-                "e.g. cache.batch_size=64"
-            )
         # Unknown names, and settings that contradict each other, fail now, not after minutes of extraction.
-        self.backend = check_backend(backend)
-        strict = {"backend": self.backend, "strict": self.backend != "auto"}
-        resolve_extraction(extraction, torch.device("cpu"), **strict)
-        resolve_extraction(eval_extraction, torch.device("cpu"), "cache.eval_extraction", **strict)
+        self.settings = ExtractionSettings(
+            train_views, extraction, batch_size, eval_extraction, stamp, backend
+        )
         self.enabled = enabled
         self.store = FeatureStore(dir)
-        self.train_views = train_views
-        self.extraction = extraction
-        self.eval_extraction = eval_extraction
-        self.batch_size = batch_size
-        if stamp not in STAMPS:
-            raise ConfigError(f"cache.stamp={stamp!r} is not one of: mtime, content; e.g. cache.stamp=mtime")
-        self.stamp = stamp
 
     def applies_to(self, body: StagedBody) -> bool:
         return bool(self.enabled) and body.fully_frozen
@@ -276,14 +273,4 @@ class FeatureCache:
         """The data module to train on: cached features when they apply, else `images` itself."""
         if not self.applies_to(body):
             return images
-        return CachedFeatureDataModule(
-            images,
-            body,
-            self.store,
-            self.train_views,
-            self.extraction,
-            self.batch_size,
-            self.eval_extraction,
-            self.stamp,
-            self.backend,
-        )
+        return CachedFeatureDataModule(images, body, self.store, self.settings)

@@ -129,7 +129,7 @@ def _run(
     total: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
-    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False, disable=None) as bar:
         for x, y in batches:
             feats.append(run(x).float().cpu())
             labels.append(torch.as_tensor(y))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from transfer_cases.advise.probe import _fit_folds, stratified_folds
+from transfer_cases.advise.probe import fit_folds, stratified_folds
 
 # Split pairs searched for duplicates: leakage across splits, and repeats inside train.
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"), ("train", "train"))
@@ -99,7 +99,7 @@ def out_of_fold_probabilities(
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # skinny matrices: one thread (see advise.probe)
     try:
-        logits = _fit_folds(x, torch.as_tensor(y_index), torch.as_tensor(train), len(classes), l2, max_iter)
+        logits = fit_folds(x, torch.as_tensor(y_index), torch.as_tensor(train), len(classes), l2, max_iter)
     finally:
         torch.set_num_threads(previous)
     own = logits[torch.arange(len(y)), torch.as_tensor(fold_of)]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from transfer_cases.features import CachedFeatureDataModule, FeatureStore
+from transfer_cases.features.datamodule import ExtractionSettings
 from transfer_cases.reporting.audit import (
     class_counts,
     imbalance,
@@ -239,11 +240,13 @@ def split_features(
         images,
         body,
         FeatureStore(cache.get("dir") or f"{cfg.paths.cache_dir}/features"),
-        train_views=0,
-        extraction=cache.get("extraction", "auto"),
-        batch_size=cache.get("batch_size", 64),
-        eval_extraction=cache.get("eval_extraction", "channels_last"),
-        stamp=cache.get("stamp", "mtime"),
+        ExtractionSettings(
+            extraction=cache.get("extraction", "auto"),
+            batch_size=cache.get("batch_size", 64),
+            eval_extraction=cache.get("eval_extraction", "channels_last"),
+            stamp=cache.get("stamp", "mtime"),
+            backend=cache.get("backend", "auto"),
+        ),
     )
     data.setup("fit")
     splits = {"train": images.train_dataset, "val": images.val_dataset}
