@@ -19,11 +19,10 @@ from omegaconf import DictConfig
 from tests.conftest import CASES
 from tests.helpers.cli import run_console_script
 from transfer_cases import build, config_dir
-from transfer_cases.commands.cli import instantiate_list
 from transfer_cases.data import ClassificationDataModule
 from transfer_cases.training.cases import Case
 from transfer_cases.training.module import TransferModule
-from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.config import instantiate_clean, instantiate_list
 from transfer_cases.utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

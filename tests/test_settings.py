@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from tests.helpers.cli import run_console_script
 from tests.test_configs import TINY_OVERRIDES, cli_env
-from transfer_cases.commands.cli import instantiate_list
+from transfer_cases.utils.config import instantiate_list
 from transfer_cases.utils.errors import ConfigError
 
 

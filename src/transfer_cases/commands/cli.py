@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from transfer_cases.utils.atomic import OUTPUT_ERRNOS, output_error
-from transfer_cases.utils.config import instantiate_clean, register_resolvers
+from transfer_cases.utils.config import exception_chain, register_resolvers
 from transfer_cases.utils.errors import ConfigError, TransferCasesError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -151,49 +151,19 @@ def user_message(error: BaseException) -> str:
     return text
 
 
-def instantiate_list(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every `_target_` entry of a group such as `callbacks` or `logger`.
-
-    An entry whose package is missing (wandb, mlflow, ...) names the extra that provides it.
-    """
-    if not cfg:
-        return []
-    objects = []
-    for key, c in cfg.items():
-        if not (isinstance(c, DictConfig) and "_target_" in c):
-            continue
-        try:
-            objects.append(instantiate_clean(c))
-        except Exception as e:
-            if not _missing_package(e):
-                raise
-            raise ConfigError(
-                f"'{key}' needs a package that is not installed ({_missing_package(e)}); "
-                f'install the extra: pip install -e ".[{key}]"'
-            ) from None
-    return objects
-
-
-def _missing_package(error: BaseException | None) -> str | None:
-    """The message of an ImportError anywhere in the cause chain (Lightning raises ModuleNotFoundError)."""
-    return next((str(e).splitlines()[0] for e in exception_chain(error) if isinstance(e, ImportError)), None)
-
-
-def exception_chain(error: BaseException | None) -> list[BaseException]:
-    """`error` and every exception it was raised from or while handling, each once.
-
-    A chain can be a cycle: an error re-raised `from None` while handling a wrapper whose cause it is
-    (`instantiate_clean` unwrapping Hydra's InstantiationException) keeps the wrapper as its context,
-    so a walk without a visited set never ends."""
-    chain: list[BaseException] = []
-    pending = [error]
-    while pending:
-        e = pending.pop(0)
-        if e is None or any(e is seen for seen in chain):
-            continue
-        chain.append(e)
-        pending += [e.__cause__, e.__context__]
-    return chain
+def find_user_error(error: BaseException) -> BaseException:
+    """The error to show for `error`: the first of ours in its chain (an error raised while Lightning
+    was handling ours hides it in `__context__`), a write failure made readable, or `error` itself."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TransferCasesError):
+            return current
+        current = current.__cause__ or current.__context__
+    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS and error.filename:
+        return output_error(error, error.filename, "file")
+    return error
 
 
 @rank_zero_only

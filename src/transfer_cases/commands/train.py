@@ -13,12 +13,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from transfer_cases.advise.auto import resolve_auto_case
-from transfer_cases.commands.cli import friendly_errors, print_config, print_metrics, run_hydra
+from transfer_cases.commands.cli import (
+    find_user_error,
+    friendly_errors,
+    print_config,
+    print_metrics,
+    run_hydra,
+)
 from transfer_cases.training.build import build
 from transfer_cases.training.diagnose import collapse_warning
 from transfer_cases.training.recipe import fit_phases, measure_best
 from transfer_cases.training.summary import write_summary
-from transfer_cases.utils.atomic import find_user_error
 from transfer_cases.utils.checks import check_train_config
 from transfer_cases.utils.config import record_checked_config
 from transfer_cases.utils.paths import config_dir

@@ -29,9 +29,8 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, open_dict
 
-from transfer_cases.commands.cli import instantiate_list
 from transfer_cases.training.module import TransferModule, frozen_eval_mode_expected
-from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.config import instantiate_clean, instantiate_list
 
 PROBE, FIT = "probe", "fit"
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from transfer_cases.utils.errors import OutputError, TransferCasesError
@@ -173,19 +172,10 @@ def output_error(
     return OutputError(f"cannot write the {what} {path}: {reason}; {hint}")
 
 
-def find_user_error(error: BaseException) -> BaseException:
-    """The error to show for `error`: the first of ours in its chain (an error raised while Lightning
-    was handling ours hides it in `__context__`), a write failure made readable, or `error` itself."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, TransferCasesError):
-            return current
-        current = current.__cause__ or current.__context__
-    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS and error.filename:
-        return output_error(error, error.filename, "file")
-    return error
+def is_local_path(path: Any) -> bool:
+    """A path on this machine's file system (no `s3://`-style protocol other than `file://`)."""
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -196,7 +186,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not is_local_path(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         last = Path(path).parent / "last.ckpt"

@@ -9,7 +9,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_cases.utils.errors import TransferCasesError
+from transfer_cases.utils.errors import ConfigError, TransferCasesError
 from transfer_cases.utils.paths import asset_path
 
 
@@ -54,3 +54,48 @@ def record_checked_config(cfg: DictConfig) -> None:
     text = OmegaConf.to_yaml(cfg)
     if path.is_file() and path.read_text() != text:
         atomic_write_text(path, text, what="run config")
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a group such as `callbacks` or `logger`.
+
+    An entry whose package is missing (wandb, mlflow, ...) names the extra that provides it.
+    """
+    if not cfg:
+        return []
+    objects = []
+    for key, c in cfg.items():
+        if not (isinstance(c, DictConfig) and "_target_" in c):
+            continue
+        try:
+            objects.append(instantiate_clean(c))
+        except Exception as e:
+            if not _missing_package(e):
+                raise
+            raise ConfigError(
+                f"'{key}' needs a package that is not installed ({_missing_package(e)}); "
+                f'install the extra: pip install -e ".[{key}]"'
+            ) from None
+    return objects
+
+
+def _missing_package(error: BaseException | None) -> str | None:
+    """The message of an ImportError anywhere in the cause chain (Lightning raises ModuleNotFoundError)."""
+    return next((str(e).splitlines()[0] for e in exception_chain(error) if isinstance(e, ImportError)), None)
+
+
+def exception_chain(error: BaseException | None) -> list[BaseException]:
+    """`error` and every exception it was raised from or while handling, each once.
+
+    A chain can be a cycle: an error re-raised `from None` while handling a wrapper whose cause it is
+    (`instantiate_clean` unwrapping Hydra's InstantiationException) keeps the wrapper as its context,
+    so a walk without a visited set never ends."""
+    chain: list[BaseException] = []
+    pending = [error]
+    while pending:
+        e = pending.pop(0)
+        if e is None or any(e is seen for seen in chain):
+            continue
+        chain.append(e)
+        pending += [e.__cause__, e.__context__]
+    return chain
