@@ -22,8 +22,9 @@ train: $(STAMP)  ## the default job: small_similar, embedded MobileNetV2 + hymen
 	$(BIN)/transfer-train $(ARGS)
 
 # Tests run in parallel (pytest-xdist), one torch thread per worker: two single-threaded workers beat
-# one two-threaded process on small tensors, and never oversubscribe the cores.
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4
+# one two-threaded process on small tensors, and never oversubscribe the cores. worksteal: an idle worker
+# takes tests queued on the busy one, so a long test near the end does not leave a core idle.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 test: $(STAMP)  ## the fast test suite (a few minutes)
 	$(PYTEST) $(ARGS)

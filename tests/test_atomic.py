@@ -75,6 +75,7 @@ def test_full_disk_keeps_the_previous_summary(
     assert sorted(os.listdir(path.parent)) == ["summary.json"]
 
 
+@pytest.mark.slow  # a fresh interpreter: the patch must precede the imports
 def test_cli_full_disk_is_one_message_not_a_chained_traceback(tmp_path: Path, image_folder: Path) -> None:
     """The real command line, with torch.save failing as on a full disk."""
     script = (

@@ -170,6 +170,7 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(open_image(path, str(path))), upright)
 
 
+@pytest.mark.slow  # transfer-predict end to end; the reading itself is tested above
 def test_predict_sees_a_sideways_photo_upright(tmp_path: Path) -> None:
     """transfer-predict (and training, through the same `open_image`) classifies what the photo shows:
     the EXIF-oriented JPEG scores as its upright pixels do, not as its stored ones."""

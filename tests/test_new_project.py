@@ -249,9 +249,8 @@ def test_bad_answers_are_refused_before_any_change(tmp_path: Path, answers: Answ
 # --- copier end to end -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "custom", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["defaults", "custom"]
-)
+@pytest.mark.slow  # a whole copier run per project; the renaming steps have fast unit tests above
+@pytest.mark.parametrize("custom", [False, True], ids=["defaults", "custom"])
 def test_generated_project_is_renamed_and_configured(
     template: Path, generated: Path, tmp_path: Path, custom: bool
 ) -> None:
@@ -305,6 +304,7 @@ def test_generated_project_is_renamed_and_configured(
         assert embedded_job in quick_start
 
 
+@pytest.mark.slow
 def test_generated_project_installs_and_runs(generated: Path, light_venv: Path) -> None:
     spec = run_in(
         light_venv,
