@@ -199,7 +199,8 @@ def test_transfer_audit_refuses_a_bad_setting_before_any_extraction(
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
-        "error: audit.duplicate_threshold=2 must be in (0, 1]; e.g. 0.8"
+        "error: audit.duplicate_threshold=2 must be a number >= 0 and <= 1 (cosine similarity of a candidate "
+        "pair); e.g. audit.duplicate_threshold=0.8"
     ]
     assert not (tmp_path / "cache").exists()
 

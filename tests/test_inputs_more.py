@@ -79,6 +79,12 @@ BAD = {
     r"\(median train images per class below which data is small\); e\.g\. advisor\.small_max_per_class=100$",
     "advisor.small_max_per_class=abc": r"^error: advisor\.small_max_per_class='abc' is not a whole number",
     "advisor.tie_sems=nan": r"^error: advisor\.tie_sems=nan must be a number >= 0",
+    "callbacks.progress_bar.interval_s=abc": r"^error: callbacks\.progress_bar\.interval_s='abc' must be a "
+    r"number",
+    "callbacks.progress_bar.interval_s=nan": r"^error: callbacks\.progress_bar\.interval_s=nan must be a "
+    r"number >= 0",
+    "audit.min_correlation=nan": r"^error: audit\.min_correlation=nan must be a number >= -1 and <= 1",
+    "audit.folds=1": r"^error: audit\.folds=1 is not a whole number >= 2 \(folds of the out-of-fold probe\)",
     # Hydra's own refusals of the command line: one line naming the fix, exit 2 (were Hydra's, exit 1).
     "data=imagefolder data.root=/tmp/my data": r"^error: 'data' is not a key=value override; if it is the "
     r"rest of a value with spaces, quote the whole override, e\.g\. 'data\.root=\"/data/my images\"'$",

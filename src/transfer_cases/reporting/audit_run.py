@@ -26,7 +26,8 @@ from transfer_cases.reporting.audit import (
 from transfer_cases.reporting.html import thumbnail_uri
 from transfer_cases.utils.atomic import atomic_write_text
 from transfer_cases.utils.config import instantiate_clean
-from transfer_cases.utils.errors import ConfigError, TransferCasesError
+from transfer_cases.utils.errors import TransferCasesError
+from transfer_cases.utils.schema import AUDIT_SETTINGS
 
 log = logging.getLogger(__name__)
 AUDIT_JSON, AUDIT_HTML = "audit.json", "audit.html"
@@ -65,14 +66,8 @@ class Audit:
         imbalance_warning: float = 3.0,
         seed: int = 0,
     ) -> None:
-        if not 0 < duplicate_threshold <= 1:
-            raise ConfigError(
-                f"audit.duplicate_threshold={duplicate_threshold!r} must be in (0, 1]; e.g. 0.8"
-            )
-        if not 0 <= pixel_tolerance <= 1:
-            raise ConfigError(f"audit.pixel_tolerance={pixel_tolerance!r} must be in [0, 1]; e.g. 0.04")
-        if not -1 <= min_correlation <= 1:
-            raise ConfigError(f"audit.min_correlation={min_correlation!r} must be in [-1, 1]; e.g. 0.8")
+        for name, rule in AUDIT_SETTINGS.items():
+            rule(locals()[name], f"audit.{name}")
         self.min_correlation = float(min_correlation)
         self.duplicate_threshold = float(duplicate_threshold)
         self.neighbours = int(neighbours)

@@ -157,10 +157,28 @@ ADVISOR_SETTINGS: dict[str, Rule] = {
     "finetune_headroom": number(0, example=0.1, why="probe error that leaves room to fine-tune"),
 }
 
+# The data audit's settings (reporting/audit_run.Audit checks them too, when built from Python).
+AUDIT_SETTINGS: dict[str, Rule] = {
+    "duplicate_threshold": number(0, top=1, example=0.8, why="cosine similarity of a candidate pair"),
+    "neighbours": whole(1, example=3, why="nearest neighbours per image"),
+    "pixel_tolerance": number(0, top=1, example=0.04, why="mean grey difference of the same picture"),
+    "min_correlation": number(-1, top=1, example=0.8, why="grey-level correlation of the same picture"),
+    "folds": whole(2, example=5, why="folds of the out-of-fold probe"),
+    "max_pairs": whole(1, example=5000, why="candidates checked at pixel level"),
+    "max_listed": whole(0, example=50, why="pairs and suspects listed in audit.json"),
+    "imbalance_warning": number(1, example=3, why="largest/smallest class count that warns"),
+}
+
 TRAIN_SETTINGS: dict[str, Rule] = {
-    **{f"advisor.{name}": rule for name, rule in ADVISOR_SETTINGS.items()},
     "seed": SEED,
     "advisor.seed": SEED,
+    **{f"advisor.{name}": rule for name, rule in ADVISOR_SETTINGS.items()},
+    **{f"audit.{name}": rule for name, rule in AUDIT_SETTINGS.items()},
+    "audit.seed": SEED,
+    "callbacks.progress_bar.refresh_rate": whole(0, example=1, why="batches between bar updates; 0: none"),
+    "callbacks.progress_bar.interval_s": number(
+        0, example=30, why="seconds between progress lines off a terminal"
+    ),
     "test": boolean,
     "optimized_metric": one_of(*EPOCH_METRICS),
     "callbacks.model_checkpoint.monitor": one_of(*EPOCH_METRICS),

@@ -74,8 +74,10 @@ def whole(
     return rule
 
 
-def number(low: float, high: float | None = None, *, example: float, why: str = "") -> Rule:
-    """A finite number (not a boolean) with `low <= value` (and `value < high` when given)."""
+def number(
+    low: float, high: float | None = None, *, example: float, why: str = "", top: float | None = None
+) -> Rule:
+    """A finite number (not a boolean): `low <= value`, and `value < high` or `value <= top` if given."""
     note = f" ({why})" if why else ""
 
     def rule(value: Any, key: str) -> Any:
@@ -84,8 +86,10 @@ def number(low: float, high: float | None = None, *, example: float, why: str = 
             or not math.isfinite(value)
             or value < low
             or (high is not None and value >= high)
+            or (top is not None and value > top)
         ):
             bounds = f">= {low}" + (f" and < {high}" if high is not None else "")
+            bounds += f" and <= {top}" if top is not None else ""
             raise ConfigError(f"{key}={value!r} must be a number {bounds}{note}; e.g. {key}={example}")
         return value
 
