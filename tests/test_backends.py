@@ -81,6 +81,25 @@ def test_the_exported_body_is_reused_by_later_runs(
     assert again.report["extraction"] == "onnxruntime_fp32"
 
 
+def test_a_body_with_other_weights_is_exported_again_and_runs_its_own_weights(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    """The exported model is keyed by the body's weights: a body of the same architecture with other
+    weights (a resume restores other weights into the same layers) never runs the first export."""
+    root, images, weights = setup
+    _, first = cached(root, images, weights, backend="onnxruntime")
+    other = weights_file(root / "w_other.pt", seed=1)
+    _, on_torch = cached(root, images, other, backend="torch")
+    _, on_ort = cached(root, images, other, backend="onnxruntime")
+    assert len(list((root / "cache" / "onnx").glob("*.onnx"))) == 2
+    a, b, c = (
+        first.train_dataset.tensors[0],
+        on_torch.train_dataset.tensors[0],
+        on_ort.train_dataset.tensors[0],
+    )
+    assert max_diff(b, c) <= TOL and max_diff(a, c) > 100 * TOL  # the other weights' features
+
+
 def test_a_body_that_does_not_export_falls_back_to_torch_with_one_warning(
     setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
