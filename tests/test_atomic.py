@@ -75,6 +75,18 @@ def test_full_disk_keeps_the_previous_summary(
     assert sorted(os.listdir(path.parent)) == ["summary.json"]
 
 
+def train_with_patch(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`transfer-train args` in a fresh interpreter that runs `script` (a patch, then main) first."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.slow  # a fresh interpreter: the patch must precede the imports
 def test_cli_full_disk_is_one_message_not_a_chained_traceback(tmp_path: Path, image_folder: Path) -> None:
     """The real command line, with torch.save failing as on a full disk."""
@@ -90,14 +102,7 @@ def test_cli_full_disk_is_one_message_not_a_chained_traceback(tmp_path: Path, im
     )
     run = tmp_path / "run"
     args = (*TINY_OVERRIDES, f"data.root={image_folder}", "callbacks.progress_bar.refresh_rate=0")
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *args, f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_with_patch(script, *args, f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
     assert "error: cannot write the checkpoint" in proc.stderr and "no space left on device" in proc.stderr
@@ -118,14 +123,7 @@ def test_cli_full_disk_in_hydras_config_save_is_one_message(tmp_path: Path) -> N
         "sys.argv = ['transfer-train'] + sys.argv[1:]\n"
         "main()\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *TINY_OVERRIDES, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_with_patch(script, *TINY_OVERRIDES, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr[-3000:]
     assert "error: cannot write the run folder" in proc.stderr and "no space left on device" in proc.stderr
