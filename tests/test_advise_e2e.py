@@ -69,13 +69,14 @@ def test_advisor_settings_reach_the_decision(tmp_path: Path, monkeypatch: pytest
     seen: dict[str, object] = {}
     decide = advisor_module.decide
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.update(kwargs)
-        return decide(*args, **kwargs)
+    def spy(counts: Any, stages: Any, num_classes: Any, rules: Any) -> Any:
+        seen["rules"] = rules
+        return decide(counts, stages, num_classes, rules)
 
     monkeypatch.setattr(advisor_module, "decide", spy)
     advise(tmp_path, dead=(3,), tie_sems=2.5, small_max_per_class=7)
-    assert seen["tie_sems"] == 2.5 and seen["small_max_per_class"] == 7
+    assert type(seen["rules"]).__name__ == "Rules"  # the thresholds alone, not the advisor
+    assert seen["rules"].tie_sems == 2.5 and seen["rules"].small_max_per_class == 7
 
 
 def test_pretrained_features_that_carry_nothing_recommend_fine_tuning_or_scratch(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,17 +19,7 @@ import torch
 from torch import nn
 
 from transfer_cases.advise.control import calibrated_control
-from transfer_cases.advise.decide import (
-    DEFAULT_FINETUNE_HEADROOM,
-    DEFAULT_FINETUNE_SOURCE,
-    DEFAULT_IMPROVING_MARGIN,
-    DEFAULT_IMPROVING_SEMS,
-    DEFAULT_SMALL_MAX_PER_CLASS,
-    DEFAULT_THRESHOLD_SOURCE,
-    DEFAULT_TIE_SEMS,
-    Advice,
-    decide,
-)
+from transfer_cases.advise.decide import Advice, Rules, decide
 from transfer_cases.advise.scores import score_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.data.splits import Stream, rng
@@ -54,50 +44,26 @@ class AllStages(nn.Module):
         return torch.cat(self.body.stage_features(x), dim=1)
 
 
-class Advisor:
+@dataclass(frozen=True)
+class Advisor(Rules):
     """The `advisor` config group: which case, cut and freezing fit the data, without training.
+
+    The decision's thresholds are the fields of `Rules` (see `decide`), settable from the config
+    (`advisor.tie_sems=2`); beside them:
 
     Args:
         max_per_class: training images per class the advisor extracts (a seeded subset; all if fewer).
         folds: cross-validation folds of the linear probe.
-        small_max_per_class: median training images per class below which the data is "small".
-        threshold_source: where `small_max_per_class` comes from (shown with the advice).
-        tie_sems: stages within this many standard errors of the probe's peak tie with it; the
-            narrowest of them wins (the one-standard-error rule; the tie width never drops below 0.01).
-        improving_sems, improving_margin: data large by count fine-tunes when the probe's last
-            doubling of samples per class gains more than this many standard errors of the
-            difference and more than this margin ...
-        finetune_headroom: ... or when the probe's error (1 - accuracy) exceeds this; otherwise the
-            head-only case (see `decide`).
-        finetune_source: where those three come from (shown with the advice).
         seed: drives the subset and the control's initialisation.
     """
 
-    def __init__(
-        self,
-        max_per_class: int = 100,
-        folds: int = 5,
-        small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS,
-        threshold_source: str = DEFAULT_THRESHOLD_SOURCE,
-        tie_sems: float = DEFAULT_TIE_SEMS,
-        improving_sems: float = DEFAULT_IMPROVING_SEMS,
-        improving_margin: float = DEFAULT_IMPROVING_MARGIN,
-        finetune_headroom: float = DEFAULT_FINETUNE_HEADROOM,
-        finetune_source: str = DEFAULT_FINETUNE_SOURCE,
-        seed: int = 0,
-    ) -> None:
+    max_per_class: int = 100
+    folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
         for name, rule in ADVISOR_SETTINGS.items():
-            rule(locals()[name], f"advisor.{name}")
-        self.max_per_class = max_per_class
-        self.folds = folds
-        self.small_max_per_class = small_max_per_class
-        self.threshold_source = threshold_source
-        self.tie_sems = float(tie_sems)
-        self.improving_sems = float(improving_sems)
-        self.improving_margin = float(improving_margin)
-        self.finetune_headroom = float(finetune_headroom)
-        self.finetune_source = finetune_source
-        self.seed = seed
+            rule(getattr(self, name), f"advisor.{name}")
 
     def advise(
         self,
@@ -172,18 +138,7 @@ class Advisor:
             folds=self.folds,
             seed=self.seed,
         )
-        advice = decide(
-            counts,
-            stages,
-            len(images.classes),
-            small_max_per_class=self.small_max_per_class,
-            threshold_source=self.threshold_source,
-            tie_sems=self.tie_sems,
-            improving_sems=self.improving_sems,
-            improving_margin=self.improving_margin,
-            finetune_headroom=self.finetune_headroom,
-            finetune_source=self.finetune_source,
-        )
+        advice = decide(counts, stages, len(images.classes), self.rules)
         advice = replace(advice, control=control_note)
         timings["score_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - start

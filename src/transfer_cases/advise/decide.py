@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from transfer_cases.advise.scores import StageScores
@@ -103,27 +103,41 @@ class Advice:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@dataclass(frozen=True)
+class Rules:
+    """Every threshold of the decision (see the module doc), each with its default and source."""
+
+    small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS
+    threshold_source: str = DEFAULT_THRESHOLD_SOURCE
+    tie_margin: float = DEFAULT_TIE_MARGIN
+    tie_sems: float = DEFAULT_TIE_SEMS
+    related_margin: float = DEFAULT_RELATED_MARGIN
+    related_sems: float = DEFAULT_RELATED_SEMS
+    solved_margin: float = DEFAULT_SOLVED_MARGIN
+    improving_sems: float = DEFAULT_IMPROVING_SEMS
+    improving_margin: float = DEFAULT_IMPROVING_MARGIN
+    finetune_headroom: float = DEFAULT_FINETUNE_HEADROOM
+    finetune_source: str = DEFAULT_FINETUNE_SOURCE
+
+    @property
+    def rules(self) -> Rules:
+        """These thresholds alone (a subclass, such as the advisor, carries more)."""
+        return Rules(**{name: getattr(self, name) for name in Rules.__dataclass_fields__})
+
+
 def decide(
     samples_per_class: Mapping[Any, int],
     stages: Sequence[StageScores],
     num_classes: int | None = None,
-    *,
-    small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS,
-    threshold_source: str = DEFAULT_THRESHOLD_SOURCE,
-    tie_margin: float = DEFAULT_TIE_MARGIN,
-    tie_sems: float = DEFAULT_TIE_SEMS,
-    related_margin: float = DEFAULT_RELATED_MARGIN,
-    related_sems: float = DEFAULT_RELATED_SEMS,
-    solved_margin: float = DEFAULT_SOLVED_MARGIN,
-    improving_sems: float = DEFAULT_IMPROVING_SEMS,
-    improving_margin: float = DEFAULT_IMPROVING_MARGIN,
-    finetune_headroom: float = DEFAULT_FINETUNE_HEADROOM,
-    finetune_source: str = DEFAULT_FINETUNE_SOURCE,
+    rules: Rules | None = None,
+    **changes: Any,
 ) -> Advice:
     """The case for data with `samples_per_class` whose stages scored `stages` (see the module doc).
 
-    `num_classes` defaults to the number of entries of `samples_per_class`.
+    `num_classes` defaults to the number of entries of `samples_per_class`; `rules` (the defaults
+    when None) with `changes` (`tie_sems=2`, ...) are the thresholds.
     """
+    r = replace(rules or Rules(), **changes)
     counts = {str(k): int(v) for k, v in samples_per_class.items()}
     if len(counts) < 2:
         raise DataError(f"the advisor needs at least 2 classes, found {len(counts)}: {sorted(counts)}")
@@ -140,21 +154,21 @@ def decide(
     # Size.
     median = float(statistics.median(counts.values()))
     minimum = min(counts.values())
-    size = "small" if median < small_max_per_class else "large"
+    size = "small" if median < r.small_max_per_class else "large"
     reasons.append(
         f"samples per class: median {median:g}, min {minimum} "
-        f"{'<' if size == 'small' else '>='} {small_max_per_class:g} -> {size} "
-        f"(threshold: {threshold_source})"
+        f"{'<' if size == 'small' else '>='} {r.small_max_per_class:g} -> {size} "
+        f"(threshold: {r.threshold_source})"
     )
 
     # Best stage: the most parsimonious stage within one standard error of the peak.
     peak = max(rows, key=lambda s: (s.probe_pretrained, s.logme_pretrained))
-    tolerance = max(tie_margin, tie_sems * peak.probe_pretrained_sem)
+    tolerance = max(r.tie_margin, r.tie_sems * peak.probe_pretrained_sem)
     ties = [s for s in rows if peak.probe_pretrained - s.probe_pretrained <= tolerance]
     best = min(ties, key=lambda s: (s.width, s.stage))
     reasons.append(
         f"probe accuracy peaks at stage {peak.stage}/{depth}: {_acc(peak)}; stages within "
-        f"{tolerance:.3f} of it (max of {tie_margin:g} and {tie_sems:g} standard error of the peak): "
+        f"{tolerance:.3f} of it (max of {r.tie_margin:g} and {r.tie_sems:g} standard error of the peak): "
         f"{[s.stage for s in ties]} -> best stage {best.stage}"
         + (" (the narrowest features among them: the fewest head parameters)" if len(ties) > 1 else "")
     )
@@ -168,11 +182,11 @@ def decide(
 
     # Similarity, with the random network as the control.
     control = max(rows, key=lambda s: (s.probe_random, s.stage))
-    noise = related_sems * math.hypot(peak.probe_pretrained_sem, control.probe_random_sem)
-    margin = max(related_margin, noise)
+    noise = r.related_sems * math.hypot(peak.probe_pretrained_sem, control.probe_random_sem)
+    margin = max(r.related_margin, noise)
     gain = peak.probe_pretrained - control.probe_random
     # Features that already separate the classes are not "unrelated", even if random ones do too.
-    if gain <= margin and peak.probe_pretrained < 1 - solved_margin:
+    if gain <= margin and peak.probe_pretrained < 1 - r.solved_margin:
         similarity = "unrelated"
         reasons.append(
             f"pretrained peak {peak.probe_pretrained:.3f} vs the random network's best "
@@ -187,7 +201,7 @@ def decide(
         else:
             why = (
                 f"gain over the random network {gain:+.3f} <= {margin:.3f}, but the pretrained features "
-                f"already solve the task (peak {peak.probe_pretrained:.3f} >= 1 - {solved_margin:g}) "
+                f"already solve the task (peak {peak.probe_pretrained:.3f} >= 1 - {r.solved_margin:g}) "
                 "-> not unrelated"
             )
         reasons.append(f"{why}; best features at {where} -> {similarity}")
@@ -200,9 +214,7 @@ def decide(
 
     finetune = size == "large"
     if finetune and similarity != "unrelated":
-        finetune, line = _finetune_evidence(
-            best, improving_sems, improving_margin, finetune_headroom, finetune_source
-        )
+        finetune, line = _finetune_evidence(best, r)
         reasons.append(line)
     case, init, keep = _case(size, similarity, best.stage, finetune)
     if size == "small" and similarity == "unrelated":
@@ -231,8 +243,8 @@ def decide(
         logme_best_stage=logme_best.stage,
         per_class_median=median,
         per_class_min=minimum,
-        small_max_per_class=small_max_per_class,
-        threshold_source=threshold_source,
+        small_max_per_class=r.small_max_per_class,
+        threshold_source=r.threshold_source,
         num_classes=num_classes,
         samples_per_class=counts,
         stages=tuple(rows),
@@ -241,18 +253,16 @@ def decide(
     )
 
 
-def _finetune_evidence(
-    best: StageScores, sems: float, margin: float, headroom_max: float, source: str
-) -> tuple[bool, str]:
+def _finetune_evidence(best: StageScores, r: Rules) -> tuple[bool, str]:
     """Whether data large by count should fine-tune, from the probe at the best stage; and why."""
     curve = best.curve_gain()
     if curve is None:
         return True, "no learning curve in the scores: the size alone decides -> fine-tune"
     gain, se = curve
-    tolerance = max(margin, sems * se)
+    tolerance = max(r.improving_margin, r.improving_sems * se)
     improving = gain > tolerance
     headroom = 1 - best.probe_pretrained
-    room = headroom > headroom_max
+    room = headroom > r.finetune_headroom
     points = " -> ".join(
         f"{a:.3f} ({n:g}/class)" for n, a in zip(best.curve_per_class, best.curve_acc, strict=True)
     )
@@ -263,9 +273,10 @@ def _finetune_evidence(
     )
     return improving or room, (
         f"learning curve of the probe at stage {best.stage}: {points}; last doubling {gain:+.3f} "
-        f"{'>' if improving else '<='} {tolerance:.3f} (max of {margin:g} and {sems:g} standard error "
-        f"of the difference): {'still improving' if improving else 'saturated'}; error left "
-        f"{headroom:.3f} {'>' if room else '<='} {headroom_max:g} -> {verdict} (rule: {source})"
+        f"{'>' if improving else '<='} {tolerance:.3f} (max of {r.improving_margin:g} and "
+        f"{r.improving_sems:g} standard error of the difference): "
+        f"{'still improving' if improving else 'saturated'}; error left {headroom:.3f} "
+        f"{'>' if room else '<='} {r.finetune_headroom:g} -> {verdict} (rule: {r.finetune_source})"
     )
 
 

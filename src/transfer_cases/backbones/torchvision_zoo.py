@@ -27,9 +27,9 @@ from transfer_cases.utils.errors import ConfigError
 class StageTable:
     family: str
     stages: tuple[tuple[str, ...], ...]
-    strides: tuple[int, ...]
     widths: dict[str, tuple[int, ...]]  # arch -> output channels of each stage
     classifier: str
+    strides: tuple[int, ...] = (2, 4, 8, 16, 32)
     neck: tuple[str, ...] = ()
     neck_width: int | None = None  # output width of the neck, when it changes the last stage's
     note: str = field(default="", compare=False)
@@ -44,14 +44,19 @@ def _f(first: int, last: int | None = None) -> tuple[str, ...]:
 FUNCTIONAL = {"F.relu": lambda: nn.ReLU(inplace=True)}
 
 _RESNET_WIDE = (64, 256, 512, 1024, 2048)
-_STRIDES5 = (2, 4, 8, 16, 32)
 _EFFICIENTNET_STAGES = (_f(0, 1), _f(2), _f(3), _f(4, 5), _f(6, 8))
+_MBV2 = {"mobilenet_v2": (16, 24, 32, 96, 1280)}
+_MBV3L = {"mobilenet_v3_large": (16, 24, 40, 112, 960)}
+_MBV3S = {"mobilenet_v3_small": (16, 16, 24, 48, 576)}
+# MobileNetV3's classifier: the pretrained neck (Linear, Hardswish) before the final Linear.
+_MBV3_HEAD = ("classifier.3", (2, 4, 8, 16, 32), ("classifier.0", "classifier.1"))
+_EFFV2S = {"efficientnet_v2_s": (24, 48, 64, 160, 1280)}
+_EFFV2ML = {"efficientnet_v2_m": (24, 48, 80, 176, 1280), "efficientnet_v2_l": (32, 64, 96, 224, 1280)}
 
 TABLES: tuple[StageTable, ...] = (
     StageTable(
         family="ResNet",
         stages=(("conv1", "bn1", "relu"), ("maxpool", "layer1"), ("layer2",), ("layer3",), ("layer4",)),
-        strides=_STRIDES5,
         widths={
             "resnet18": (64, 64, 128, 256, 512),
             "resnet34": (64, 64, 128, 256, 512),
@@ -66,35 +71,15 @@ TABLES: tuple[StageTable, ...] = (
         },
         classifier="fc",
     ),
+    # One line per family where the table is short: the family, its stages, widths and classifier.
+    StageTable("MobileNetV2", (_f(0, 1), _f(2, 3), _f(4, 6), _f(7, 13), _f(14, 18)), _MBV2, "classifier.1"),
     StageTable(
-        family="MobileNetV2",
-        stages=(_f(0, 1), _f(2, 3), _f(4, 6), _f(7, 13), _f(14, 18)),
-        strides=_STRIDES5,
-        widths={"mobilenet_v2": (16, 24, 32, 96, 1280)},
-        classifier="classifier.1",
+        "MobileNetV3-Large", (_f(0, 1), _f(2, 3), _f(4, 6), _f(7, 12), _f(13, 16)), _MBV3L, *_MBV3_HEAD, 1280
     ),
-    StageTable(
-        family="MobileNetV3-Large",
-        stages=(_f(0, 1), _f(2, 3), _f(4, 6), _f(7, 12), _f(13, 16)),
-        strides=_STRIDES5,
-        widths={"mobilenet_v3_large": (16, 24, 40, 112, 960)},
-        classifier="classifier.3",
-        neck=("classifier.0", "classifier.1"),
-        neck_width=1280,
-    ),
-    StageTable(
-        family="MobileNetV3-Small",
-        stages=(_f(0), _f(1), _f(2, 3), _f(4, 8), _f(9, 12)),
-        strides=_STRIDES5,
-        widths={"mobilenet_v3_small": (16, 16, 24, 48, 576)},
-        classifier="classifier.3",
-        neck=("classifier.0", "classifier.1"),
-        neck_width=1024,
-    ),
+    StageTable("MobileNetV3-Small", (_f(0), _f(1), _f(2, 3), _f(4, 8), _f(9, 12)), _MBV3S, *_MBV3_HEAD, 1024),
     StageTable(
         family="EfficientNet",
         stages=_EFFICIENTNET_STAGES,
-        strides=_STRIDES5,
         widths={
             "efficientnet_b0": (16, 24, 40, 112, 1280),
             "efficientnet_b1": (16, 24, 40, 112, 1280),
@@ -107,20 +92,8 @@ TABLES: tuple[StageTable, ...] = (
         },
         classifier="classifier.1",
     ),
-    StageTable(
-        family="EfficientNetV2-S",
-        stages=(_f(0, 1), _f(2), _f(3), _f(4, 5), _f(6, 7)),
-        strides=_STRIDES5,
-        widths={"efficientnet_v2_s": (24, 48, 64, 160, 1280)},
-        classifier="classifier.1",
-    ),
-    StageTable(
-        family="EfficientNetV2-M/L",
-        stages=_EFFICIENTNET_STAGES,
-        strides=_STRIDES5,
-        widths={"efficientnet_v2_m": (24, 48, 80, 176, 1280), "efficientnet_v2_l": (32, 64, 96, 224, 1280)},
-        classifier="classifier.1",
-    ),
+    StageTable("EfficientNetV2-S", (_f(0, 1), _f(2), _f(3), _f(4, 5), _f(6, 7)), _EFFV2S, "classifier.1"),
+    StageTable("EfficientNetV2-M/L", _EFFICIENTNET_STAGES, _EFFV2ML, "classifier.1"),
     StageTable(
         family="ConvNeXt",
         stages=(_f(0, 1), _f(2, 3), _f(4, 5), _f(6, 7)),
@@ -143,7 +116,6 @@ TABLES: tuple[StageTable, ...] = (
             ("features.transition2", "features.denseblock3"),
             ("features.transition3", "features.denseblock4", "features.norm5", "F.relu"),
         ),
-        strides=_STRIDES5,
         widths={
             "densenet121": (64, 256, 512, 1024, 1024),
             "densenet161": (96, 384, 768, 2112, 2208),

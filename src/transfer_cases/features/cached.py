@@ -68,18 +68,8 @@ def cached_features(
     with stamping(stamp):
         data = dataset.fingerprint()
     fingerprint = body_fingerprint(body)
-    parts = {
-        "version": FEATURES_VERSION,
-        "body": fingerprint,
-        "extraction": numerics.name,
-        "stored_dtype": str(STORED_DTYPE),
-        "data": data,
-        "transform": repr(dataset.transform),
-        "view": view,
-        "seed": None if view is None else seed,
-    }
 
-    def build() -> FeatureSet:
+    def build() -> FeatureSet:  # with the numerics of the loop's current try
         # The transforms draw from this stream (in the workers, or here when there are none), without
         # moving the global RNG that training uses next.
         stream = int(np.random.SeedSequence([seed, int(Stream.AUGMENT_VIEW), view or 0]).generate_state(1)[0])
@@ -106,29 +96,29 @@ def cached_features(
             )
         return FeatureSet(f.to(STORED_DTYPE), y)
 
-    try:
-        fs, hit, path = store.get_or_build(parts, build)
-    except BackendUnavailable as e:
-        if numerics.fallback is None:
-            raise
-        if fingerprint not in _warned:
-            _warned.add(fingerprint)
-            log.warning(
-                "%s backend: %s; extracting with torch (%s)", numerics.backend, e, numerics.fallback.name
-            )
-        return cached_features(
-            store,
-            body,
-            dataset,
-            device=device,
-            numerics=numerics.fallback,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            view=view,
-            seed=seed,
-            label=label,
-            stamp=stamp,
-        )
+    while True:
+        parts = {
+            "version": FEATURES_VERSION,
+            "body": fingerprint,
+            "extraction": numerics.name,
+            "stored_dtype": str(STORED_DTYPE),
+            "data": data,
+            "transform": repr(dataset.transform),
+            "view": view,
+            "seed": None if view is None else seed,
+        }
+        try:
+            fs, hit, path = store.get_or_build(parts, build)
+            break
+        except BackendUnavailable as e:
+            if numerics.fallback is None:
+                raise
+            if fingerprint not in _warned:
+                _warned.add(fingerprint)
+                log.warning(
+                    "%s backend: %s; extracting with torch (%s)", numerics.backend, e, numerics.fallback.name
+                )
+            numerics = numerics.fallback  # its own key: the torch pass is stored under its own numerics
     log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path or "(not stored)")
     fs.extraction = numerics.name
     return fs, hit, path
