@@ -1,0 +1,330 @@
+"""`make crossover`: where fine-tuning starts to pay, a learning curve per data set (issue 23).
+
+For each data set and N train images per class, per seed: the advisor on that training set (its
+evidence, timings, and one plain forward pass over its subset for the cost ratio), the head-only
+cases (`small_similar`, `small_different` cut at the advisor's best stage) and the fine-tuning
+cases (`large_similar`, `large_different`, `large_different` with LP-FT). Score: test accuracy of
+the best-by-validation checkpoint on a fixed test set per data set (`studies.crossover_data`).
+
+Every step writes one JSON record when it ends (`studies.crossover_records`); a rerun skips the
+finished ones, so a kill loses only the step in flight. A failed run is recorded, not fatal.
+Each step runs in a child forked from this process (the imports are paid once; no state leaks
+from one run to the next). Steps run in tiers so that a study cut at any point is usable:
+coarse N with one seed for every data set first, then the other N, then more seeds, then N=1000.
+
+    python -m studies.crossover                 # run what is missing, then report
+    python -m studies.crossover --dry-run       # list the steps, done or to do
+    python -m studies.crossover --report-only   # table, CSV, JSON, plot from the records
+    python -m studies.crossover --advice-only   # recompute every cell's advice (cached features)
+    python -m studies.crossover --only mnist/n20 --stop-at 16:15
+
+`load_cells` (from `studies.crossover_records`) is the per-cell view the advisor's fit reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studies.crossover_records import (
+    advice_path,
+    load_cells,
+    read_json,
+    train_path,
+    write_json,
+)
+
+__all__ = ["DATASETS", "Step", "load_cells", "main", "plan"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    config: str  # the data config group option
+    target: str  # the study's data module (fixed test set)
+    similarity: str  # to ImageNet, the pretraining data
+    image_size: int | None  # None: the weights' own size
+    grid: tuple[int, ...]  # N per class
+    full: int | None = None  # N that means "all the training images" (samples_per_class=null)
+    val_fraction: float | None = 0.02  # of the official train split, for checkpoint selection
+    test_per_class: int | None = 200
+    num_classes: int = 10
+
+
+DATASETS = {
+    "cifar10": Dataset(
+        "cifar10", "studies.crossover_data.CIFAR10", "similar", 64, (10, 20, 50, 100, 200, 500, 1000)
+    ),
+    "mnist": Dataset(
+        "mnist", "studies.crossover_data.MNIST", "different", 64, (10, 20, 50, 100, 200, 500, 1000)
+    ),
+    "hymenoptera": Dataset(
+        "hymenoptera",
+        "studies.crossover_data.ImageFolder",
+        "similar",
+        None,
+        (10, 20, 50, 100, 122),
+        122,
+        None,
+        None,
+        2,
+    ),
+}
+SEEDS_UP_TO = 200  # three seeds up to this N, one above
+SEEDS = (0, 1, 2)
+# Tiers: coarse N first (one seed), then the rest of the grid, then more seeds, then the largest N.
+COARSE = (20, 100, 122, 500)
+# Fine-tuning runs: (case config, extra overrides).
+RUN_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "small_similar": ("small_similar", ()),
+    "small_different": ("small_different", ()),  # + case.keep from the advice
+    "large_different": ("large_different", ()),
+    "large_different+lpft": ("large_different", ("case.probe_epochs=50",)),
+    "large_similar": ("large_similar", ()),
+}
+ADVICE = "advice"
+
+
+@dataclass(frozen=True)
+class Step:
+    dataset: str
+    per_class: int
+    seed: int
+    kind: str  # ADVICE or a key of RUN_CASES
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/n{self.per_class}/seed{self.seed}/{self.kind}"
+
+    def record(self, out_dir: Path) -> Path:
+        if self.kind == ADVICE:
+            return advice_path(out_dir, self.dataset, self.per_class, self.seed)
+        return train_path(out_dir, self.dataset, self.per_class, self.seed, self.kind)
+
+    def overrides(self, keep: int | None = None) -> list[str]:
+        d = DATASETS[self.dataset]
+        n = "null" if self.per_class == d.full else str(self.per_class)
+        out = [
+            f"data={d.config}",
+            f"data._target_={d.target}",
+            f"data.samples_per_class={n}",
+            f"seed={self.seed}",
+            "callbacks.progress_bar.refresh_rate=0",
+            "callbacks.model_summary=null",
+        ]
+        if d.image_size is not None:
+            out.append(f"data.image_size={d.image_size}")
+        if d.val_fraction is not None:
+            out.append(f"data.val_fraction={d.val_fraction}")
+        if d.test_per_class is not None:
+            out.append(f"+data.test_per_class={d.test_per_class}")
+        if self.kind != ADVICE:
+            case, extra = RUN_CASES[self.kind]
+            out += [f"case={case}", *extra]
+            if self.kind == "small_different" and keep is not None:
+                out.append(f"case.keep={keep}")
+        return out
+
+
+def seeds_for(per_class: int) -> tuple[int, ...]:
+    return SEEDS if per_class <= SEEDS_UP_TO else SEEDS[:1]
+
+
+def tier(dataset: str, per_class: int, seed: int) -> int:
+    if per_class == max(DATASETS[dataset].grid) and DATASETS[dataset].full is None:
+        return 3 + seed  # the largest N (fine-tuning is slowest there): last
+    if seed == 0:
+        return 0 if per_class in COARSE else 1
+    return 2 if seed == 1 else 3
+
+
+def plan(datasets: Sequence[str] = tuple(DATASETS), only: str | None = None) -> list[Step]:
+    """Every step in the order it runs: by tier, then data set, N, seed; within a cell the advice
+    first (`small_different` needs its cut), head-only cases, then fine-tuning."""
+    steps = [
+        Step(d, n, s, kind)
+        for d in datasets
+        for n in DATASETS[d].grid
+        for s in seeds_for(n)
+        for kind in (ADVICE, *RUN_CASES)
+    ]
+    order = list(DATASETS)
+    steps.sort(
+        key=lambda st: (
+            tier(st.dataset, st.per_class, st.seed),
+            order.index(st.dataset),
+            st.per_class,
+            st.seed,
+        )
+    )
+    return [st for st in steps if only is None or only in st.name]
+
+
+def advised_keep(out_dir: Path, step: Step) -> tuple[bool, int | None]:
+    """(known, keep) for `small_different`: the advisor's best stage when it is not the last; not
+    known until the cell's advice exists; keep None means the cut is the whole body (skip)."""
+    record = read_json(advice_path(out_dir, step.dataset, step.per_class, step.seed))
+    if record is None or not record.get("advice"):
+        return False, None
+    advice = record["advice"]
+    best, depth = int(advice["best_stage"]), int(advice["depth"])
+    return True, (best if best < depth else None)
+
+
+def run_forked(fn: Callable[[], None], log_path: Path, timeout_s: float) -> tuple[int, float]:
+    """Run `fn` in a forked child with its output to `log_path`; (exit code, wall seconds)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child: run, never return into the parent's loop
+        code = 1
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            fn()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout_s
+    while not (status := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.2)
+    return os.waitstatus_to_exitcode(status[1]), round(time.perf_counter() - start, 2)
+
+
+def _train_child(argv: list[str]) -> Callable[[], None]:
+    def go() -> None:
+        from transfer_cases.commands.train import main as train_main
+
+        sys.argv = ["transfer-train", *argv]
+        train_main()
+
+    return go
+
+
+def run_training(step: Step, out_dir: Path, keep: int | None, timeout_s: float) -> dict[str, Any]:
+    """One `transfer-train` run in a child; its record (status ok/failed) is written atomically."""
+    run_dir = out_dir / "runs" / step.dataset / f"n{step.per_class}" / f"seed{step.seed}" / step.kind
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run starts over
+    argv = [*step.overrides(keep), f"hydra.run.dir={run_dir}"]
+    code, wall = run_forked(_train_child(argv), run_dir.parent / f"{step.kind}.log", timeout_s)
+    summary = read_json(run_dir / "summary.json") or {}
+    metrics = summary.get("metrics") or {}
+    ok = code == 0 and summary.get("status") == "ok" and metrics.get("test/acc") is not None
+    record = {
+        "status": "ok" if ok else "failed",
+        "dataset": step.dataset,
+        "per_class": step.per_class,
+        "seed": step.seed,
+        "case": step.kind,
+        "test_acc": metrics.get("test/acc"),
+        "val_acc": summary.get("best_score"),
+        "train_acc": metrics.get("train/acc"),
+        "wall_s": wall,
+        "train_time_s": summary.get("train_time_s"),
+        "returncode": code,
+        "warnings": summary.get("warnings") or [],
+        "error": summary.get("error")
+        or (None if ok else f"exit {code}, see {run_dir.parent / step.kind}.log"),
+        "num_classes": DATASETS[step.dataset].num_classes,
+        "overrides": argv,
+    }
+    for ckpt in run_dir.rglob("*.ckpt"):  # hundreds of runs: keep the figures, not the weights
+        ckpt.unlink()
+    write_json(step.record(out_dir), record)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from studies.crossover_advice import run_advice
+    from studies.crossover_report import report
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", type=Path, default=Path("outputs/crossover"), help="records and run folders")
+    p.add_argument("--results", type=Path, default=Path("notebooks/results"), help="report folder")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--only", help="run only the steps whose name contains this (e.g. mnist/n20/)")
+    p.add_argument("--dry-run", action="store_true", help="list the steps, done or to do; run nothing")
+    p.add_argument("--report-only", action="store_true", help="write the report from the records")
+    p.add_argument("--advice-only", action="store_true", help="recompute the advice of every cell with one")
+    p.add_argument("--stop-at", help="HH:MM (UTC): start no step after this time")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per step before it is killed")
+    args = p.parse_args(argv)
+    steps = plan(args.datasets, args.only)
+    if args.dry_run:
+        for st in steps:
+            state = "done" if st.record(args.out_dir).is_file() else "todo"
+            print(f"[{state}] {st.name}: {' '.join(st.overrides())}")
+        return 0
+    if args.advice_only:
+        cells = [st for st in steps if st.kind == ADVICE and st.record(args.out_dir).is_file()]
+        for i, st in enumerate(cells, 1):
+            code, wall = run_forked(
+                lambda st=st: run_advice(st, args.out_dir, refresh=True), _log(args, st), args.timeout
+            )
+            print(f"[{i}/{len(cells)}] {st.name}: {wall:.0f} s {'ok' if code == 0 else 'FAILED'}", flush=True)
+    elif not args.report_only:
+        stop = _stop_time(args.stop_at)
+        todo = [st for st in steps if not st.record(args.out_dir).is_file()]
+        print(f"{len(steps) - len(todo)} of {len(steps)} steps done; {len(todo)} to go", flush=True)
+        for i, st in enumerate(todo, 1):
+            if stop is not None and dt.datetime.now(dt.UTC) >= stop:
+                print(f"--stop-at {args.stop_at} reached: {len(todo) - i + 1} steps left", flush=True)
+                break
+            if st.kind == ADVICE:
+                code, wall = run_forked(
+                    lambda st=st: run_advice(st, args.out_dir), _log(args, st), args.timeout
+                )
+                state = "ok" if code == 0 and st.record(args.out_dir).is_file() else "FAILED"
+            else:
+                keep = None
+                if st.kind == "small_different":
+                    known, keep = advised_keep(args.out_dir, st)
+                    if not known or keep is None:
+                        why = "cuts nothing" if known else "missing"
+                        print(f"[{i}/{len(todo)}] {st.name}: skipped (advice {why})", flush=True)
+                        continue
+                rec = run_training(st, args.out_dir, keep, args.timeout)
+                wall, state = (
+                    rec["wall_s"],
+                    rec["status"] + (f" test {rec['test_acc']:.3f}" if rec["test_acc"] else ""),
+                )
+            print(f"[{i}/{len(todo)}] {st.name}: {wall:.0f} s {state}", flush=True)
+    report(args.out_dir, args.results)
+    return 0
+
+
+def _log(args: argparse.Namespace, st: Step) -> Path:
+    return args.out_dir / "runs" / st.dataset / f"n{st.per_class}" / f"seed{st.seed}" / "advice.log"
+
+
+def _stop_time(hhmm: str | None) -> dt.datetime | None:
+    if not hhmm:
+        return None
+    h, m = (int(x) for x in hhmm.split(":"))
+    return dt.datetime.now(dt.UTC).replace(hour=h, minute=m, second=0, microsecond=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
