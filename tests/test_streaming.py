@@ -86,3 +86,35 @@ def test_training_from_shards_gives_the_folders_result(tmp_path: Path, image_fol
         assert run.returncode == 0, run.stderr[-3000:]
         metrics[name] = json.loads((tmp_path / name / "summary.json").read_text())["metrics"]
     assert metrics["shards"] == metrics["folder"]
+
+
+@pytest.mark.slow
+def test_under_ddp_each_shard_item_is_trained_on_once_per_epoch(tmp_path: Path, image_folder: Path) -> None:
+    """Two `ddp_cpu` processes fine-tuning from shards: each epoch, the ranks' samplers split the
+    train items between them, every item to exactly one rank (12 items: no padding by the sampler)."""
+    out = tmp_path / "shards"
+    shards.main([str(image_folder), str(out), "--chunk-bytes", "20KB"])
+    seen = tmp_path / "seen"
+    run = run_cli(
+        "transfer-train",
+        "data=shards",
+        f"data.root={out}",
+        "trainer=ddp_cpu",
+        "case=large_similar",  # images every epoch: the shards are read, not cached features
+        *TINY_OVERRIDES,
+        "trainer.max_epochs=2",
+        "data.batch_size=2",
+        "callbacks.progress_bar.refresh_rate=0",
+        "+callbacks.seen._target_=tests.helpers.lightning.SampledIndices",
+        f"+callbacks.seen.out={seen}",
+        cwd=tmp_path,
+        fresh=True,  # Lightning starts the other rank from sys.argv
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    for epoch in (0, 1):
+        ranks = [json.loads((seen / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1)]
+        assert all(r["world"] == 2 and r["dataset"] == 12 for r in ranks)
+        a, b = ranks[0]["indices"], ranks[1]["indices"]
+        assert len(a) == len(b) == 6 and sorted(a + b) == list(range(12))  # each item once, none twice
+    first = json.loads((seen / "rank0_epoch0.json").read_text())["indices"]
+    assert first != json.loads((seen / "rank0_epoch1.json").read_text())["indices"]  # reshuffled per epoch

@@ -73,3 +73,21 @@ class SpoilLastValidation(L.Callback):
             with torch.no_grad():
                 for p in module.head.parameters():
                     p.zero_()
+
+
+class SampledIndices(L.Callback):
+    """Writes, per rank and epoch, the dataset indices the rank's training sampler yields
+    (`<out>/rank<r>_epoch<e>.json`): what Lightning's DistributedSampler gave each process."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        import json
+
+        sampler = trainer.train_dataloader.sampler
+        self.out.mkdir(parents=True, exist_ok=True)
+        size = len(trainer.train_dataloader.dataset)
+        record = {"indices": [int(i) for i in sampler], "dataset": size, "world": trainer.world_size}
+        name = f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.json"
+        (self.out / name).write_text(json.dumps(record))
