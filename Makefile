@@ -70,8 +70,10 @@ notebook: $(STAMP)  ## run notebooks/01_four_cases.ipynb headless; results and e
 	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter execute --output="$(CURDIR)/outputs/notebook/01_four_cases" \
 		notebooks/01_four_cases.ipynb $(ARGS)
 
-bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results.{md,json,png} (long)
+# Each script writes its own results file (bench/results*.md); ARGS go to bench/bench.py.
+bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results*.{md,json} (long)
 	$(BIN)/python bench/bench.py $(ARGS)
+	$(BIN)/python bench/sweeps.py
 
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
 	$(BIN)/python -m transfer_cases.tools.gpu_check $(ARGS)

@@ -1,11 +1,11 @@
 """Sweeps and shards, measured side by side: wall time of one Optuna search with 1 worker, 2 workers
 and 2 workers with pruning; images/s of a full-body extraction pass from a folder and from its shards.
 
-    python studies/bench_sweeps.py [--quick] [--data ROOT] [--out studies/results/bench_sweeps.json]
+    python bench/sweeps.py [--quick] [--data ROOT] [--out bench/results_sweeps.json]
 
-Run it on an otherwise idle machine (a benchmark, nothing asserted). `--quick` (3 trials, the tiny
-backbone on the embedded images) only checks that the script runs; its figures mean nothing. Prints
-one Markdown table; the JSON keeps the raw seconds.
+Part of `make bench`. Run it on an otherwise idle machine (a benchmark, nothing asserted). `--quick`
+(3 trials, the tiny backbone on the embedded images) only checks that the script runs; its figures
+mean nothing. Writes the Markdown tables beside the JSON (`results_sweeps.md`) and prints them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 trials, tiny backbone: checks the script")
     parser.add_argument("--data", default=None, help="an image folder (default: the embedded images)")
-    parser.add_argument("--out", type=Path, default=ROOT / "studies" / "results" / "bench_sweeps.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results_sweeps.json")
     args = parser.parse_args(argv)
     trials = 3 if args.quick else 12
     backbone = "tiny_cnn" if args.quick else "mobilenet_v2"
@@ -125,11 +126,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["folder img/s"] = extraction(folder, "folder", network, size)
         results["shards img/s"] = extraction(str(work / "shards"), "shards", network, size)
     base = results["1 worker"]
-    print(f"| search, {trials} trials ({backbone}) | wall s | vs 1 worker |\n|---|---|---|")
-    for name in ("1 worker", "2 workers", "2 workers, pruning"):
-        print(f"| {name} | {results[name]:.1f} | {base / results[name]:.2f}x |")
-    print(f"\n| full-body extraction | images/s |\n|---|---|\n| folder | {results['folder img/s']:.1f} |"
-          f"\n| shards | {results['shards img/s']:.1f} |")  # fmt: skip
+    lines = [
+        "# make bench: sweeps and shards",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"one torch thread per worker; `python bench/sweeps.py{' --quick' if args.quick else ''}`.",
+        "",
+        f"| search, {trials} trials ({backbone}) | wall s | speed-up vs 1 worker |",
+        "|---|---|---|",
+        *(
+            f"| {n} | {results[n]:.1f} | {base / results[n]:.2f}x |"
+            for n in ("1 worker", "2 workers", "2 workers, pruning")
+        ),
+        "",
+        "| full-body extraction pass, train split | images/s |",
+        "|---|---|",
+        f"| folder | {results['folder img/s']:.1f} |",
+        f"| shards (LitData, local) | {results['shards img/s']:.1f} |",
+        "",
+    ]
+    print("\n".join(lines))
+    args.out.with_suffix(".md").parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
