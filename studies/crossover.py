@@ -142,10 +142,10 @@ def tier(step: Step) -> int:
     grid, then the other seeds; last the runs least likely to change the picture for their cost:
     `large_similar` (behind `large_different` in every cell of the 2x2), LP-FT above 200 per class
     (behind plain fine-tuning at 1000 per class in the 2x2), and N = 1000."""
+    if step.per_class >= 1000:
+        return 8
     if step.kind == "large_similar" or (step.kind == "large_different+lpft" and step.per_class > SEEDS_UP_TO):
         return 5 + step.seed
-    if step.per_class >= 1000:
-        return 7
     if step.seed == 0:
         return 0 if step.per_class in COARSE else 1
     return 1 + step.seed
@@ -171,6 +171,11 @@ def plan(datasets: Sequence[str] = tuple(DATASETS), only: str | None = None) -> 
         )
     )
     return [st for st in steps if only is None or only in st.name]
+
+
+def pending(steps: Sequence[Step], out_dir: Path) -> list[Step]:
+    """The steps without a record (a rerun resumes here; a failed run has a record too)."""
+    return [st for st in steps if not st.record(out_dir).is_file()]
 
 
 def advised_keep(out_dir: Path, step: Step) -> tuple[bool, int | None]:
@@ -336,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{i}/{len(cells)}] {st.name}: {wall:.0f} s {'ok' if code == 0 else 'FAILED'}", flush=True)
     elif not args.report_only:
         stop = _stop_time(args.stop_at)
-        todo = [st for st in steps if not st.record(args.out_dir).is_file()]
+        todo = pending(steps, args.out_dir)
         print(f"{len(steps) - len(todo)} of {len(steps)} steps done; {len(todo)} to go", flush=True)
         for i, st in enumerate(todo, 1):
             if stop is not None and dt.datetime.now(dt.UTC) >= stop:

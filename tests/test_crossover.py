@@ -1,0 +1,166 @@
+"""The crossover study's pure parts: planning, resume, records, aggregation, crossover N.
+
+No training runs here: records are written by hand, as the driver writes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from studies.crossover import ADVICE, DATASETS, Step, advised_keep, pending, plan, tier
+from studies.crossover_records import advice_path, load_cells, read_json, train_path, write_json
+from studies.crossover_report import crossover_n, report, summarise
+
+
+def _train(out: Path, d: str, n: int, seed: int, case: str, acc: float | None, status: str = "ok") -> None:
+    write_json(
+        train_path(out, d, n, seed, case),
+        {"status": status, "test_acc": acc, "val_acc": acc, "wall_s": 10.0, "num_classes": 10},
+    )
+
+
+def _advice(out: Path, d: str, n: int, seed: int, best_stage: int = 4, depth: int = 5) -> None:
+    write_json(
+        advice_path(out, d, n, seed),
+        {
+            "advice": {
+                "case": "small_different",
+                "best_stage": best_stage,
+                "depth": depth,
+                "num_classes": 10,
+            },
+            "timings": {"total_s": 3.0},
+            "forward_pass": {"images": 200, "seconds": 2.0},
+        },
+    )
+
+
+def _cell(out: Path, d: str, n: int, seed: int, head: float, ft: float) -> None:
+    _advice(out, d, n, seed)
+    _train(out, d, n, seed, "small_similar", head - 0.05)
+    _train(out, d, n, seed, "small_different", head)
+    _train(out, d, n, seed, "large_different", ft)
+    _train(out, d, n, seed, "large_different+lpft", ft - 0.02)
+
+
+def test_plan_runs_coarse_grid_with_one_seed_first_and_advice_before_each_cells_cases() -> None:
+    steps = plan()
+    first_other_seed = next(i for i, st in enumerate(steps) if st.seed != 0)
+    coarse = {(st.dataset, st.per_class) for st in steps[:first_other_seed] if tier(st) == 0}
+    assert {("cifar10", 20), ("mnist", 100), ("hymenoptera", 122), ("cifar10", 500)} <= coarse
+    assert all(tier(st) == 0 for st in steps[: len([s for s in steps if tier(s) == 0])])
+    # Within a cell the advice comes first: small_different needs its cut.
+    seen: set[tuple[str, int, int]] = set()
+    for st in steps:
+        key = (st.dataset, st.per_class, st.seed)
+        if st.kind == ADVICE:
+            seen.add(key)
+        else:
+            assert key in seen, st.name
+    # Three seeds up to 200 per class, one above; N=1000 and large_similar come last.
+    assert {st.seed for st in steps if st.per_class == 200} == {0, 1, 2}
+    assert {st.seed for st in steps if st.per_class == 500} == {0}
+    assert tier(Step("cifar10", 1000, 0, "large_different")) > tier(
+        Step("cifar10", 200, 2, "large_different")
+    )
+    assert tier(Step("mnist", 20, 0, "large_similar")) > tier(Step("mnist", 20, 2, "small_similar"))
+    assert len(steps) == len({st.name for st in steps})
+
+
+def test_plan_only_filters_by_name() -> None:
+    steps = plan(only="mnist/n20/seed1/")
+    assert steps and all(st.dataset == "mnist" and st.per_class == 20 and st.seed == 1 for st in steps)
+
+
+def test_overrides_name_the_data_set_size_and_case() -> None:
+    o = Step("hymenoptera", 122, 1, "large_different+lpft").overrides()
+    assert "data.samples_per_class=null" in o  # the full ants/bees set
+    assert "case=large_different" in o and "case.probe_epochs=50" in o and "seed=1" in o
+    assert not any(x.startswith("+data.test_per_class") for x in o)  # tested on its val split
+    o = Step("cifar10", 50, 0, "small_different").overrides(keep=3)
+    assert "case.keep=3" in o and "data.samples_per_class=50" in o
+    assert f"data.image_size={DATASETS['cifar10'].image_size}" in o
+    assert "+data.test_per_class=200" in o
+    assert not any(x.startswith("case") for x in Step("mnist", 10, 0, ADVICE).overrides())
+
+
+def test_resume_skips_finished_and_failed_records(tmp_path: Path) -> None:
+    steps = plan(only="mnist/n20/seed0/")
+    assert pending(steps, tmp_path) == steps
+    _advice(tmp_path, "mnist", 20, 0)
+    _train(tmp_path, "mnist", 20, 0, "large_different", None, status="failed")
+    left = {st.kind for st in pending(steps, tmp_path)}
+    assert ADVICE not in left and "large_different" not in left and "small_similar" in left
+
+
+def test_advised_keep_cuts_at_the_best_stage_unless_it_is_the_last(tmp_path: Path) -> None:
+    step = Step("mnist", 20, 0, "small_different")
+    assert advised_keep(tmp_path, step) == (False, None)
+    _advice(tmp_path, "mnist", 20, 0, best_stage=3, depth=5)
+    assert advised_keep(tmp_path, step) == (True, 3)
+    _advice(tmp_path, "mnist", 20, 0, best_stage=5, depth=5)
+    assert advised_keep(tmp_path, step) == (True, None)
+
+
+def test_write_json_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b.json"
+    write_json(path, {"x": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"x": object()})  # fails mid-dump: the old file stays whole
+    assert read_json(path) == {"x": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]
+
+
+def test_load_cells_joins_records_and_computes_the_gain(tmp_path: Path) -> None:
+    _cell(tmp_path, "mnist", 20, 0, head=0.88, ft=0.50)
+    _train(tmp_path, "mnist", 20, 0, "large_similar", 0.2, status="failed")
+    _advice(tmp_path, "cifar10", 50, 1)  # advice only: a partial cell
+    cells = load_cells(tmp_path)
+    assert [(c["dataset"], c["per_class"], c["seed"]) for c in cells] == [
+        ("cifar10", 50, 1),
+        ("mnist", 20, 0),
+    ]
+    partial, cell = cells
+    assert partial["gain"] is None and partial["test_acc"] == {} and partial["advice"]["best_stage"] == 4
+    assert cell["best_head_only"] == "small_different" and cell["best_finetune"] == "large_different"
+    assert cell["gain"] == pytest.approx(0.50 - 0.88)
+    assert cell["failed"] == ["large_similar"] and "large_similar" not in cell["test_acc"]
+    assert cell["num_classes"] == 10 and cell["advice_path"].endswith("mnist/n20/seed0.json")
+    assert json.loads(Path(cell["advice_path"]).read_text())["advice"]["case"] == "small_different"
+
+
+def test_summarise_takes_mean_and_spread_over_seeds(tmp_path: Path) -> None:
+    for seed, (head, ft) in enumerate([(0.80, 0.82), (0.80, 0.84), (0.80, 0.86)]):
+        _cell(tmp_path, "cifar10", 100, seed, head, ft)
+    (row,) = summarise(load_cells(tmp_path))
+    assert row["seeds"] == [0, 1, 2] and row["gain_seeds"] == 3
+    assert row["gain"][0] == pytest.approx(0.04) and row["gain"][1] == pytest.approx(0.02)
+    assert row["best_finetune"] == "large_different" and row["advisor_cost_ratio"] == pytest.approx(1.5)
+
+
+def _rows(dataset: str, gains: dict[int, float]) -> list[dict]:
+    return [{"dataset": dataset, "per_class": n, "gain": (g, 0.0)} for n, g in gains.items()]
+
+
+def test_crossover_n_is_where_the_gain_stays_above_one_point() -> None:
+    assert crossover_n(_rows("a", {20: -0.3, 100: 0.02, 200: 0.005, 500: 0.03, 1000: 0.05}), "a") == 500
+    assert crossover_n(_rows("a", {20: -0.3, 100: 0.02, 500: 0.03}), "a") == 100
+    assert crossover_n(_rows("a", {20: -0.3, 100: 0.02, 500: 0.0}), "a") is None  # falls back below
+    assert crossover_n(_rows("a", {20: 0.02}), "a") == 20
+    assert crossover_n(_rows("a", {20: 0.02}), "b") is None
+
+
+def test_report_writes_table_csv_json_and_plot(tmp_path: Path) -> None:
+    out, results = tmp_path / "out", tmp_path / "results"
+    _cell(out, "mnist", 20, 0, head=0.88, ft=0.50)
+    _cell(out, "mnist", 500, 0, head=0.95, ft=0.98)
+    report(out, results)
+    md = (results / "crossover.md").read_text()
+    assert "**mnist**: N = 500" in md and "| mnist | 500 | 1 | `small_different` | 95.0 |" in md
+    data = json.loads((results / "crossover.json").read_text())
+    assert data["crossover_n"] == {"mnist": 500}
+    assert all(c["advice_path"] for c in data["cells"])
+    assert (results / "crossover.csv").read_text().count("\n") == 3
+    assert (results / "crossover.png").stat().st_size > 1000
