@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 DEST ?=
 
-.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix matrix-real notebook new clean test-browser
+.PHONY: help install train test test-all lint format weights embed-data bench gpu-check matrix matrix-real crossover notebook new clean test-browser
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ matrix: $(STAMP)  ## the four cases on the embedded default (Hydra multirun); re
 
 matrix-real: $(STAMP)  ## the 2x2 on real data (CIFAR-10, MNIST; small and large; 4 cases + auto, LP-FT); long, resumable
 	$(BIN)/python -m studies.matrix_real $(ARGS)
+
+crossover: $(STAMP)  ## where fine-tuning starts to pay: gain vs N per data set (issue 23); long, resumable
+	$(BIN)/python -m studies.crossover $(ARGS)
 
 # `jupyter execute` (nbclient, in the dev extras) starts the kernel in notebooks/; the notebook puts a
 # relative OUTPUT_DIR under the project root, so logs, figures and results.json land in outputs/notebook/
