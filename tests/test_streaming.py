@@ -5,6 +5,7 @@ is one error naming it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,40 @@ def test_the_cache_key_follows_the_shards(shard_folder: Path) -> None:
     chunk = sorted((shard_folder / "train").glob("*.bin"))[0]
     chunk.write_bytes(chunk.read_bytes())  # same bytes, new mtime: a rewritten shard
     assert ShardDataModule(root=shard_folder)._load_splits().train.fingerprint() != before
+
+
+@pytest.fixture
+def s3_bucket(shard_folder: Path) -> Iterator[str]:
+    """`s3://bucket` served by LitData's own S3 code path, with its S3 client replaced by a copy from
+    `shard_folder` (no network here): our side (URL roots, LitData's downloaders, the download cache)
+    runs as it would against S3."""
+    from litdata.streaming import downloader
+
+    class LocalS3(downloader.LocalDownloader):
+        def download_file(self, remote_filepath: str, local_filepath: str) -> None:
+            super().download_file(remote_filepath.replace("s3://bucket", str(shard_folder)), local_filepath)
+
+    real = downloader._DOWNLOADERS["s3://"]
+    downloader.register_downloader("s3://", LocalS3, overwrite=True)
+    try:
+        yield "s3://bucket"
+    finally:
+        downloader.register_downloader("s3://", real, overwrite=True)
+
+
+def test_shards_at_an_s3_url_are_read_through_the_download_cache(
+    s3_bucket: str, image_folder: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "downloaded"
+    remote = ShardDataModule(root=s3_bucket, cache_dir=str(cache))
+    folder = ImageFolderDataModule(root=image_folder)
+    assert remote.classes == folder.classes
+    got, want = remote._load_splits().train, folder._load_splits().train
+    for i in range(len(want)):
+        np.testing.assert_array_equal(np.asarray(got.load(i)), np.asarray(want.load(i)))
+    assert (cache / "classes.json").is_file() and list((cache / "train").rglob("chunk-*.bin"))  # downloaded
+    with pytest.raises(DataError, match=r"cannot read s3://bucket/nowhere/classes.json .*credentials"):
+        ShardDataModule(root=f"{s3_bucket}/nowhere", cache_dir=str(cache))
 
 
 def test_a_truncated_shard_is_one_error_naming_it(shard_folder: Path) -> None:
