@@ -4,8 +4,8 @@ beat a random network at all.
 The policy (every threshold is a parameter of `decide`):
 
 - **Size.** The median number of samples per class (the minimum is reported too) below
-  `small_max_per_class` is *small*, otherwise *large*. The threshold's source (measured by
-  `make matrix-real`, from the literature, or a rule of thumb) travels with the advice.
+  `small_max_per_class` is *small*, otherwise *large*: reported, and deciding only scratch against
+  pretrained for unrelated features (below). The threshold's source travels with the advice.
 - **Best stage.** The one-standard-error rule of model selection (Breiman et al. 1984; Hastie,
   Tibshirani & Friedman, *Elements of Statistical Learning* §7.10): the peak is the stage with the
   highest cross-validated probe accuracy (LogME breaks exact ties); every stage within `tie_sems`
@@ -20,9 +20,12 @@ The policy (every threshold is a parameter of `decide`):
   the difference, whichever is larger: the pretrained weights bring nothing a random network does not.
   A peak within `solved_margin` of perfect accuracy is never unrelated: those features already
   separate the classes (an easy task that random features solve too).
-- **Case.** small & similar -> `small_similar`; small & different -> `small_different` cut after the
-  best stage (`case.keep`); large & similar -> `large_similar`; large & different ->
-  `large_different` (pretrained init); large & unrelated -> `large_different` with
+- **Fine-tuning or the head alone.** The predicted gain of fine-tuning at the user's N images per
+  class, from the probe's learning curve at the best stage (`gain.predict_gain`): fine-tune only when
+  it clearly clears `min_gain`, otherwise the head alone.
+- **Case.** head-only & similar -> `small_similar`; head-only & different -> `small_different` cut
+  after the best stage (`case.keep`); fine-tune & similar -> `large_similar`; fine-tune & different
+  -> `large_different` (pretrained init); large & unrelated -> `large_different` with
   `case.init=scratch`; small & unrelated -> `large_different` (fine-tune from pretrained: frozen
   features that do not help are the worst option) with a warning that the data may be too small
   for any case.
@@ -36,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from transfer_cases.advise.gain import GainPrediction, gain_reason, predict_gain
 from transfer_cases.advise.scores import StageScores
 from transfer_cases.utils.errors import DataError
 
@@ -46,15 +50,19 @@ DEFAULT_TIE_SEMS = 1.0
 DEFAULT_RELATED_MARGIN = 0.01
 DEFAULT_RELATED_SEMS = 1.0
 DEFAULT_SOLVED_MARGIN = 0.02
-# The fine-tuning evidence. One standard error is the yardstick of the tie rule above; the 0.01
-# floor is the tie rule's too (five folds that agree have a standard error of zero); 0.10 of error
-# left is a rule of thumb for "features a new head cannot fix". Chosen with the ants/bees result
-# known, not validated on held-out data.
-DEFAULT_IMPROVING_SEMS = 1.0
-DEFAULT_IMPROVING_MARGIN = 0.01
-DEFAULT_FINETUNE_HEADROOM = 0.10
+# The predicted fine-tuning gain (advise/gain.py; the family and its fit: docs/advisor.md). Fixed:
+# the gain that counts is the issue's one point; one standard error is the tie rule's yardstick;
+# the steepest learning-curve exponent Hestness et al. 2017 report for image classification
+# (ImageNet top-5 error) caps the extrapolation's. Fitted: the break-even images per
+# class n0 and the exponent beta.
+DEFAULT_MIN_GAIN = 0.01
+DEFAULT_GAIN_SEMS = 1.0
+DEFAULT_CURVE_EXPONENT_MAX = 0.5
+DEFAULT_BREAK_EVEN_PER_CLASS = 100
+DEFAULT_FINETUNE_EXPONENT = 1.0
 DEFAULT_FINETUNE_SOURCE = (
-    "rule of thumb, designed with the ants/bees result known; not validated on held-out data"
+    "family fixed before the crossover results (docs/advisor.md); n0 and beta not fitted yet: "
+    "n0 is the old count threshold"
 )
 
 
@@ -82,9 +90,11 @@ class Advice:
     reasoning: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     control: str = ""  # how the random control was built
+    gain: GainPrediction | None = None  # the predicted fine-tuning gain and its curve
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["gain"] = None if self.gain is None else self.gain.to_dict()
         d["overrides"] = list(self.overrides)
         d["stages"] = [s.to_dict() for s in self.stages]
         d["reasoning"] = list(self.reasoning)
@@ -99,6 +109,7 @@ class Advice:
         d["reasoning"] = tuple(d["reasoning"])
         d["warnings"] = tuple(d["warnings"])
         d["samples_per_class"] = {str(k): int(v) for k, v in d["samples_per_class"].items()}
+        d["gain"] = None if d.get("gain") is None else GainPrediction.from_dict(d["gain"])
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -114,9 +125,11 @@ class Rules:
     related_margin: float = DEFAULT_RELATED_MARGIN
     related_sems: float = DEFAULT_RELATED_SEMS
     solved_margin: float = DEFAULT_SOLVED_MARGIN
-    improving_sems: float = DEFAULT_IMPROVING_SEMS
-    improving_margin: float = DEFAULT_IMPROVING_MARGIN
-    finetune_headroom: float = DEFAULT_FINETUNE_HEADROOM
+    min_gain: float = DEFAULT_MIN_GAIN
+    gain_sems: float = DEFAULT_GAIN_SEMS
+    curve_exponent_max: float = DEFAULT_CURVE_EXPONENT_MAX
+    break_even_per_class: float = DEFAULT_BREAK_EVEN_PER_CLASS
+    finetune_exponent: float = DEFAULT_FINETUNE_EXPONENT
     finetune_source: str = DEFAULT_FINETUNE_SOURCE
 
     @property
@@ -212,11 +225,10 @@ def decide(
             f"{majority:.3f} for always guessing the largest class; check the labels and the data"
         )
 
-    finetune = size == "large"
-    if finetune and similarity != "unrelated":
-        finetune, line = _finetune_evidence(best, r)
-        reasons.append(line)
-    case, init, keep = _case(size, similarity, best.stage, finetune)
+    gain = predict_gain(best, median, num_classes, r)
+    if similarity != "unrelated":
+        reasons.append(gain_reason(gain))
+    case, init, keep = case_for(size, similarity, best.stage, gain.finetune)
     if size == "small" and similarity == "unrelated":
         warnings.append(
             f"with {median:g} samples per class and pretrained features no better than random ones, "
@@ -250,37 +262,11 @@ def decide(
         stages=tuple(rows),
         reasoning=tuple(reasons),
         warnings=tuple(warnings),
+        gain=gain,
     )
 
 
-def _finetune_evidence(best: StageScores, r: Rules) -> tuple[bool, str]:
-    """Whether data large by count should fine-tune, from the probe at the best stage; and why."""
-    curve = best.curve_gain()
-    if curve is None:
-        return True, "no learning curve in the scores: the size alone decides -> fine-tune"
-    gain, se = curve
-    tolerance = max(r.improving_margin, r.improving_sems * se)
-    improving = gain > tolerance
-    headroom = 1 - best.probe_pretrained
-    room = headroom > r.finetune_headroom
-    points = " -> ".join(
-        f"{a:.3f} ({n:g}/class)" for n, a in zip(best.curve_per_class, best.curve_acc, strict=True)
-    )
-    verdict = (
-        "fine-tuning should gain -> fine-tune"
-        if improving or room
-        else "the frozen features already serve -> head-only, though the data is large"
-    )
-    return improving or room, (
-        f"learning curve of the probe at stage {best.stage}: {points}; last doubling {gain:+.3f} "
-        f"{'>' if improving else '<='} {tolerance:.3f} (max of {r.improving_margin:g} and "
-        f"{r.improving_sems:g} standard error of the difference): "
-        f"{'still improving' if improving else 'saturated'}; error left {headroom:.3f} "
-        f"{'>' if room else '<='} {r.finetune_headroom:g} -> {verdict} (rule: {r.finetune_source})"
-    )
-
-
-def _case(size: str, similarity: str, best_stage: int, finetune: bool) -> tuple[str, str, int | None]:
+def case_for(size: str, similarity: str, best_stage: int, finetune: bool) -> tuple[str, str, int | None]:
     """(case, init, keep) for a size and similarity verdict, and whether the body should fine-tune."""
     if similarity == "unrelated":
         return "large_different", ("scratch" if size == "large" else "pretrained"), None

@@ -8,13 +8,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from transfer_cases.advise.decide import Advice
+from transfer_cases.advise.gain import GainPrediction
 from transfer_cases.utils.atomic import atomic_write, atomic_write_text
 
 ADVICE_JSON = "advice.json"
@@ -75,10 +78,14 @@ def stage_table(advice: Advice) -> Table:
 
 
 def stage_figure(advice: Advice) -> Figure:
-    """LogME (top) and probe accuracy (bottom) per stage, pretrained vs random, chosen stage marked."""
+    """LogME (top) and probe accuracy (middle) per stage, pretrained vs random, chosen stage marked;
+    the probe's learning curve and its extrapolation to the user's images per class (bottom)."""
     stages = [s.stage for s in advice.stages]
-    fig = Figure(figsize=(7, 6), layout="constrained")
-    logme_ax, probe_ax = fig.subplots(2, 1, sharex=True)
+    fig = Figure(figsize=(7, 9), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(2, 1))
+    logme_ax, probe_ax = top.subplots(2, 1, sharex=True)
+    if advice.gain is not None:
+        curve_panel(bottom.subplots(), advice.gain)
     logme_ax.plot(stages, [s.logme_pretrained for s in advice.stages], "o-", label="pretrained")
     logme_ax.plot(stages, [s.logme_random for s in advice.stages], "s--", color="gray", label="random init")
     logme_ax.set_ylabel("LogME")
@@ -108,6 +115,41 @@ def stage_figure(advice: Advice) -> Figure:
     probe_ax.legend(loc="best", fontsize="small")
     logme_ax.set_title(f"{advice.case}: best stage {advice.best_stage} of {advice.depth} (green)")
     return fig
+
+
+def curve_panel(ax: Axes, gain: GainPrediction) -> None:
+    """The probe's accuracy against the images per class it trained on (log scale), and the power
+    law extrapolated to the user's count: the head-only accuracy the predicted gain starts from."""
+    if gain.trained_per_class:
+        ax.errorbar(
+            gain.trained_per_class,
+            gain.curve_acc,
+            yerr=gain.curve_std,
+            fmt="o-",
+            color="tab:blue",
+            capsize=3,
+            label=f"linear probe, stage {gain.stage} (trained on {len(gain.curve_acc)} nested subsets)",
+        )
+        last = gain.trained_per_class[-1]
+        if gain.per_class > last:
+            xs = np.geomspace(last, gain.per_class, 20)
+            ax.plot(
+                xs, [gain.head_acc_at(x) for x in xs], "--", color="tab:blue", label="power law, extrapolated"
+            )
+    ax.plot(
+        [gain.per_class], [gain.head_acc], "*", ms=12, color="tab:orange", label="head-only at your count"
+    )
+    verdict = "fine-tune" if gain.finetune else "head-only"
+    ax.set_title(
+        f"predicted fine-tuning gain {gain.gain:+.3f} ± {gain.gain_se:.3f} at {gain.per_class:g}/class "
+        f"-> {verdict} ({gain.confidence})",
+        fontsize="medium",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("images per class (log scale)")
+    ax.set_ylabel("probe accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize="small")
 
 
 def write_advice(
@@ -146,6 +188,8 @@ def print_advice(advice: Advice, extra_overrides: Sequence[str] = (), console: C
     """The table, the reasoning, any warnings, and the command to run."""
     console = console or Console()
     console.print(stage_table(advice))
+    if advice.gain is not None:
+        console.print(advice.gain.summary(), style="bold", soft_wrap=True, markup=False)
     for line in advice.reasoning:
         console.print(f"  {line}", soft_wrap=True, markup=False)
     for line in advice.warnings:

@@ -152,9 +152,11 @@ ADVISOR_SETTINGS: dict[str, Rule] = {
         1, example=100, why="median train images per class below which data is small"
     ),
     "tie_sems": number(0, example=1, why="standard errors of the probe's peak within which stages tie"),
-    "improving_sems": number(0, example=1, why="standard errors of a gain that counts"),
-    "improving_margin": number(0, example=0.01, why="accuracy gain that counts"),
-    "finetune_headroom": number(0, example=0.1, why="probe error that leaves room to fine-tune"),
+    "min_gain": number(0, example=0.01, why="predicted fine-tuning gain (accuracy) that pays"),
+    "gain_sems": number(0, example=1, why="standard errors by which the gain must clear min_gain"),
+    "curve_exponent_max": number(0, example=1, why="cap on the learning curve's power-law exponent"),
+    "break_even_per_class": number(0, example=100, why="images per class where fine-tuning breaks even"),
+    "finetune_exponent": number(0, example=1, why="how fast fine-tuning's share of the error grows"),
 }
 
 # The data audit's settings (reporting/audit_run.Audit checks them too, when built from Python).
