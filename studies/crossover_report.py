@@ -101,7 +101,25 @@ def _pm(stat: tuple[float, float] | None, seeds: int, scale: float = 1.0, signed
     return f"{m} ± {stat[1] * scale:.1f}" if seeds > 1 else m
 
 
-def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
+def not_run(out_dir: Path) -> list[str]:
+    """The planned steps without a record, per data set: `N=10 (all)`, `N=200 seed 1: <cases>`.
+    `small_different` is not counted when its cell's advice cuts nothing (it is not run then)."""
+    from studies.crossover import ADVICE, advised_keep, pending, plan
+
+    missing: dict[tuple[str, int], dict[int, list[str]]] = {}
+    for st in pending(plan(), out_dir):
+        if st.kind == "small_different" and advised_keep(out_dir, st) == (True, None):
+            continue
+        missing.setdefault((st.dataset, st.per_class), {}).setdefault(st.seed, []).append(st.kind)
+    lines: dict[str, list[str]] = {}
+    for (d, n), by_seed in sorted(missing.items()):
+        for seed, kinds in sorted(by_seed.items()):
+            what = "all" if ADVICE in kinds else ", ".join(f"`{k}`" for k in kinds)
+            lines.setdefault(d, []).append(f"N={n} seed {seed}: {what}")
+    return [f"{d}: " + "; ".join(parts) for d, parts in lines.items()]
+
+
+def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any], missing: Sequence[str] = ()) -> str:
     from studies.crossover import DATASETS
 
     lines = [
@@ -156,6 +174,8 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
     failed = [f"{r['dataset']} N={r['per_class']}: {', '.join(r['failed'])}" for r in rows if r["failed"]]
     lines += ["", "Failed runs: " + ("; ".join(failed) if failed else "none") + "."]
     lines += ["", settings["cut"], ""]
+    if missing:
+        lines += ["Planned but not run (no record):", "", *[f"- {m}" for m in missing], ""]
     return "\n".join(lines)
 
 
@@ -220,7 +240,7 @@ def report(out_dir: Path, results: Path, settings: dict[str, Any] | None = None)
         json.dumps({"settings": settings, "crossover_n": crossovers, "rows": rows, "cells": flat}, indent=2)
         + "\n"
     )
-    (results / "crossover.md").write_text(markdown(rows, settings))
+    (results / "crossover.md").write_text(markdown(rows, settings, not_run(out_dir)))
     if rows:
         plot(rows, results / "crossover.png")
     return rows
