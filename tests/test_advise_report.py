@@ -7,10 +7,11 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from transfer_cases.advise import StageScores, decide, print_advice, read_advice, train_command, write_advice
-from transfer_cases.advise.report import stage_table
+from transfer_cases.advise.report import stage_figure, stage_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -85,3 +86,35 @@ def test_printed_advice_marks_the_stage_and_ends_with_the_command() -> None:
     assert "0.900 ± 0.020" in text
     assert "measured by test" in text
     assert text.rstrip().endswith("transfer-train data=hymenoptera case=small_different case.keep=2")
+
+
+def curve_advice():
+    """The full body's probe climbs 0.80 -> 0.86 -> 0.90 from 25 to 100 per class; 400 per class."""
+    stages = [
+        StageScores(1, 16, -0.5, -0.7, 0.6, 0.02, 0.3, 0.03),
+        StageScores(2, 32, -0.2, -0.7, 0.9, 0.01, 0.3, 0.03, curve_per_class=(25, 50, 100)),
+    ]
+    stages[1] = replace(stages[1], curve_acc=(0.8, 0.86, 0.9), curve_std=(0.01, 0.01, 0.01))
+    return decide({c: 400 for c in "abcd"}, stages)
+
+
+def test_the_predicted_gain_and_its_curve_are_written_printed_and_drawn(tmp_path: Path) -> None:
+    advice = curve_advice()
+    paths = write_advice(advice, tmp_path)
+    record = json.loads(paths["json"].read_text())
+    gain = record["gain"]
+    assert gain["per_class"] == 400 and gain["curve_acc"] == [0.8, 0.86, 0.9] and gain["stage"] == 2
+    assert gain["trained_per_class"] == [20, 40, 80] and 0.9 < gain["head_acc"] < 1
+    assert read_advice(tmp_path) == advice
+    console = Console(record=True, width=300)
+    print_advice(advice, console=console)
+    lines = [line for line in console.export_text().splitlines() if "predicted fine-tuning gain" in line]
+    assert len(lines) == 1 and lines[0].startswith("predicted fine-tuning gain at 400/class: +0.0")
+    # The chart's third panel: the curve at the images each probe trained on, extrapolated to 400.
+    curve_ax = stage_figure(advice).axes[-1]
+    assert "predicted fine-tuning gain" in curve_ax.get_title() and curve_ax.get_xscale() == "log"
+    extrapolated = next(line for line in curve_ax.get_lines() if line.get_linestyle() == "--")
+    assert extrapolated.get_xdata()[0] == pytest.approx(80) and extrapolated.get_xdata()[-1] == pytest.approx(
+        400
+    )
+    assert extrapolated.get_ydata()[-1] == pytest.approx(gain["head_acc"])

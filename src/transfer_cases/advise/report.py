@@ -128,7 +128,7 @@ def curve_panel(ax: Axes, gain: GainPrediction) -> None:
             fmt="o-",
             color="tab:blue",
             capsize=3,
-            label=f"linear probe, stage {gain.stage} (trained on {len(gain.curve_acc)} nested subsets)",
+            label=f"linear probe at stage {gain.stage} (cross-validated, nested subsets)",
         )
         last = gain.trained_per_class[-1]
         if gain.per_class > last:
