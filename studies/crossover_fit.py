@@ -217,7 +217,33 @@ def markdown(result: dict[str, Any], left_out: int, partial: bool) -> str:
         out.append(f"| {name} | " + " | ".join(f"{s['hits']}/{s['cells']}" for s in per.values()) + " |")
     shipped = [m for s in next(iter(result["compare"].values())).values() for m in s["misses"]]
     out += ["", "Misses of the final fit (in sample):", "", header, rule, *miss_lines(shipped), ""]
+    out += ["## Predicted against measured gain (held-out fits)", "", *gain_table(loo), ""]
     return "\n".join(out)
+
+
+def gain_table(loo: dict[str, Any]) -> list[str]:
+    """Per data set and N: the predicted gain (each data set's held-out fit) against the measured
+    one (best fine-tuning - best head-only), means over seeds; the picks and hits."""
+    lines = [
+        "| data set | N/class | seeds | predicted gain | measured gain | picks | hits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted((r for d in loo.values() for r in d["rows"]), key=lambda r: (r["dataset"], r["per_class"]))
+    for (dataset, n), group in itertools.groupby(rows, key=lambda r: (r["dataset"], r["per_class"])):
+        group = list(group)
+        pred = [r["predicted_gain"] for r in group if r["predicted_gain"] is not None]
+        meas = [r["measured_gain"] for r in group if r["measured_gain"] is not None]
+        picks = ", ".join(sorted({r["pick"] for r in group}))
+        hits = sum(bool(r["hit"]) for r in group)
+        lines.append(
+            f"| {dataset} | {n} | {len(group)} | {_fmt(_mean(pred))} | {_fmt(_mean(meas))} | {picks} | "
+            f"{hits}/{sum(r['hit'] is not None for r in group)} |"
+        )
+    return lines
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
