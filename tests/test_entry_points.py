@@ -99,3 +99,19 @@ def test_default_job_reaches_90_percent(tmp_path: Path) -> None:
     assert len(accs) == 50 and accs[-1] >= 0.90  # small_similar's 50 head epochs, on cached features
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["feature_cache"]["files"]) == {"train", "val"}
+
+
+def test_the_commands_skip_the_interpreters_last_collection_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gc.freeze` runs at exit, registered once however many commands a process runs: the final
+    collection then has nothing to walk (the speed-up is measured by make bench's default job)."""
+    import atexit
+    import gc
+
+    from transfer_cases.commands import cli
+
+    registered: list[object] = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(cli, "_final_collection_skipped", False)
+    cli.skip_final_collection()
+    cli.skip_final_collection()
+    assert registered == [gc.freeze]
