@@ -309,11 +309,12 @@ def study_settings() -> dict[str, Any]:
 # What was cut for time; kept in step with docs/crossover.md.
 CUT = (
     "Cut for time (2 CPU cores shared with other work, about 1.75 h of compute): CIFAR-10 at 64 px "
-    "(`make matrix-real`: 96 px; MNIST stays at 64 px: at 32 px the frozen body was at chance), a 2,000-image test subset instead of the "
-    "10,000-image test split, a small validation split; `large_similar` and LP-FT above 200 per class run "
-    "after the rest (in the 2x2 `large_similar` was behind `large_different` in every cell, LP-FT behind "
-    "plain fine-tuning at 1,000 per class), N = 1000 last; no derived task. Any (data set, N) row or case "
-    "missing from the tables above did not run before the deadline."
+    "(`make matrix-real`: 96 px; MNIST stays at 64 px: at 32 px the frozen body was at chance), a "
+    "2,000-image test subset instead of the 10,000-image test split, a small validation split; "
+    "`large_similar`, and LP-FT at 10, 20 and 500+ per class, run after the rest (in the 2x2 "
+    "`large_similar` was behind `large_different` in every cell; at 20 per class every fine-tuning was "
+    "far behind head-only, at 1,000 LP-FT behind plain fine-tuning), N = 1000 last; no derived task. "
+    "Any (data set, N) row or case missing from the tables above did not run before the deadline."
 )
 
 
