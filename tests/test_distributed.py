@@ -33,6 +33,7 @@ def test_ddp_cpu_two_processes(tmp_path: Path, image_folder: Path, case: str) ->
         f"data.root={image_folder}",
         "trainer.max_epochs=2",
         "data.batch_size=2",
+        "cache.batch_size=2",  # several extraction batches, so both ranks get shards
         "callbacks.progress_bar.refresh_rate=0",
         f"+callbacks.freeze_guard.report_dir={guard_dir}",
         cwd=tmp_path,
@@ -55,7 +56,9 @@ def test_ddp_cpu_two_processes(tmp_path: Path, image_folder: Path, case: str) ->
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     if case.startswith("small"):  # fully frozen: both ranks trained on features extracted once
         assert set(summary["feature_cache"]["files"]) == {"train", "val"}
-        assert len(list((tmp_path / ".cache" / "features").glob("*.pt"))) == 2
+        folders = [p for p in (tmp_path / ".cache" / "features").iterdir() if p.is_dir() and p.name != "onnx"]
+        records = [json.loads(r.read_text()) for f in folders for r in f.glob("rows-*.json")]
+        assert len(folders) == 2 and {r["rank"] for r in records} == {0, 1}  # each rank extracted its share
     else:
         assert summary["feature_cache"] is None
 

@@ -4,6 +4,7 @@ and checkpoints trained on cached features that classify raw images exactly like
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -13,6 +14,7 @@ from typing import Any
 from unittest.mock import PropertyMock, patch
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -164,28 +166,37 @@ def test_epoch_picks_the_view(setup: tuple[Path, Path, Path]) -> None:
         torch.testing.assert_close(got, module.head(feats[:, epoch % 2]))
 
 
-def test_a_corrupt_or_truncated_file_is_rebuilt(
+def test_a_damaged_or_unrecorded_shard_is_rebuilt_alone(
     setup: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     root, images, weights = setup
-    _, first = cached(root, images, weights)
-    path = Path(first.report["files"]["train"]["path"])
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
-    with caplog.at_level(logging.WARNING, logger="transfer_cases.features"):
-        _, second = cached(root, images, weights)
-    assert f"feature cache file {path} is unreadable (" in caplog.text and "rebuilding it" in caplog.text
-    assert hits(second)["train"] is False
-    assert torch.equal(second.train_dataset.tensors[0], first.train_dataset.tensors[0])
-    # A readable file whose content does not match its checksum (bit rot, a foreign file) is rebuilt too.
-    obj = torch.load(path, weights_only=True)
-    obj["features"] = obj["features"] + 1
-    torch.save(obj, path)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="transfer_cases.features"):
-        _, third = cached(root, images, weights)
-    assert f"feature cache file {path} does not match its key or checksum; rebuilding it" in caplog.text
-    assert hits(third)["train"] is False
-    assert torch.equal(third.train_dataset.tensors[0], first.train_dataset.tensors[0])
+    _, first = cached(root, images, weights, batch_size=2)  # batches of 2: several shards
+    folder = Path(first.report["files"]["train"]["path"])
+    records = sorted(folder.glob("rows-*.json"))
+    assert len(records) == 6  # 12 train images, one batch each
+    expected = first.train_dataset.tensors[0].clone()
+
+    def again(rebuilt: str) -> CachedFeatureDataModule:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="transfer_cases.features"):
+            _, dm = cached(root, images, weights, batch_size=2)
+        assert hits(dm)["train"] is False and f"rank 0 of 1 extracted {rebuilt} of 6 shards" in caplog.text
+        assert torch.equal(dm.train_dataset.tensors[0], expected)
+        return dm
+
+    # A readable file whose rows do not match their shard's checksum (bit rot, a foreign write).
+    start = json.loads(records[2].read_text())["start"]
+    rows = np.load(folder / "features.npy", mmap_mode="r+")
+    rows[start] += 1
+    rows.flush()
+    del rows
+    again("1")
+    assert f"{records[2].stem} does not match its checksum; rebuilding it" in caplog.text
+    records[4].unlink()  # a rank killed before it recorded its shard: that shard alone
+    again("1")
+    features = folder / "features.npy"
+    features.write_bytes(features.read_bytes()[: features.stat().st_size // 2])  # truncated: all again
+    again("6")
 
 
 def _build_slowly(root: str, marker: str) -> None:
@@ -287,39 +298,45 @@ def test_a_full_disk_for_the_cache_trains_on_the_features_in_memory(
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with caplog.at_level(logging.WARNING):
         _, dm = cached(root, images, weights)
     assert dm.report["files"]["train"] == {"path": None, "hit": False, "extraction": "fp32"}
     assert len(dm.train_dataset) == len(dm.images.train_dataset)
     assert "no space left on device" in caplog.text and "in memory" in caplog.text
-    assert not [p for p in (root / "cache").iterdir() if not p.name.endswith(".lock")]  # no partial file
+    assert not list((root / "cache").rglob("rows-*.json"))  # no shard recorded: nothing counts as stored
 
 
 def test_feature_files_get_the_usual_file_mode(setup: tuple[Path, Path, Path]) -> None:
     root, images, weights = setup
     _, dm = cached(root, images, weights)
-    mode = Path(dm.report["files"]["train"]["path"]).stat().st_mode & 0o777
+    folder = Path(dm.report["files"]["train"]["path"])
     umask = os.umask(0)
     os.umask(umask)
-    assert mode == 0o666 & ~umask  # not mkstemp's 0600: a shared cache is readable by its group
+    for path in (folder / "features.npy", folder / "labels.npy", *folder.glob("rows-*.json")):
+        mode = path.stat().st_mode & 0o777
+        assert mode == 0o666 & ~umask, path  # not mkstemp's 0600: a shared cache is readable by its group
 
 
 def test_feature_loaders_serve_the_batches_a_plain_loader_would(setup: tuple[Path, Path, Path]) -> None:
-    """Train batches are fetched a batch at a time, yet are the rows, order and labels that a
-    per-row loader with the same seed serves; val and test come whole (no metric depends on it)."""
+    """Train batches are fetched a batch at a time, yet are the rows, order and labels of a per-row
+    loader over epoch e's permutation of the seed (+ e), as DistributedSampler draws it on any number
+    of ranks; val and test come whole (no metric depends on it)."""
     root, images, weights = setup
     _, dm = cached(root, images, weights)
-    plain = DataLoader(
-        TensorDataset(*dm.train_dataset.tensors),
-        batch_size=dm.images.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(dm.images.seed),
-    )
-    served = list(dm.train_dataloader())
-    assert len(served) == len(plain) > 1
-    for (x, y), (px, py) in zip(served, plain, strict=True):
-        assert torch.equal(x, px) and torch.equal(y, py)
+    loader = dm.train_dataloader()
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        order = torch.randperm(
+            len(dm.train_dataset), generator=torch.Generator().manual_seed(dm.images.seed + epoch)
+        )
+        plain = DataLoader(
+            TensorDataset(*dm.train_dataset.tensors), batch_size=dm.images.batch_size, sampler=order.tolist()
+        )
+        served = list(loader)
+        assert len(served) == len(plain) > 1
+        for (x, y), (px, py) in zip(served, plain, strict=True):
+            assert torch.equal(x, px) and torch.equal(y, py)
     (val,) = list(dm.val_dataloader())
     assert all(torch.equal(a, b) for a, b in zip(val, dm.val_dataset.tensors, strict=True))
 

@@ -13,18 +13,20 @@ is extracted by torch in the pass's fallback numerics, under their own key, with
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from transfer_cases.data.sources import stamping
 from transfer_cases.data.splits import Stream
-from transfer_cases.features.extract import Extraction, extract
+from transfer_cases.features.extract import Extraction, extract_batches
 from transfer_cases.features.onnx_body import BackendUnavailable
+from transfer_cases.features.shards import Shard
 from transfer_cases.features.store import FeatureSet, FeatureStore
 from transfer_cases.utils.digest import tensor_digest
 
@@ -33,7 +35,9 @@ MODELS_DIR = "onnx"  # exported bodies, in the feature store's folder
 _warned: set[str] = set()  # bodies whose fallback was already logged by this process
 
 # Bumped when the meaning of a stored file changes, so older files are never read as current ones.
-FEATURES_VERSION = 2  # 2: stored in float32 (float16 flushed a random body's small activations to zero)
+# 2: stored in float32 (float16 flushed a random body's small activations to zero). 3: memory-mapped
+# shards; an augmented view's crops are seeded per image (the same on any rank), not by the pass.
+FEATURES_VERSION = 3
 # The values the pass computed, kept: float16 has neither the range (a randomly initialised body's deep
 # activations are far below its smallest normal number) nor the precision the probes and heads need.
 STORED_DTYPE = torch.float32
@@ -69,32 +73,33 @@ def cached_features(
         data = dataset.fingerprint()
     fingerprint = body_fingerprint(body)
 
-    def build() -> FeatureSet:  # with the numerics of the loop's current try
-        # The transforms draw from this stream (in the workers, or here when there are none), without
-        # moving the global RNG that training uses next.
-        stream = int(np.random.SeedSequence([seed, int(Stream.AUGMENT_VIEW), view or 0]).generate_state(1)[0])
+    # Each image's random crop comes from its own stream, seeded by (seed, view, index): the same
+    # whichever rank extracts it, in whichever batch, with any number of loader workers.
+    stream = int(np.random.SeedSequence([seed, int(Stream.AUGMENT_VIEW), view or 0]).generate_state(1)[0])
+    items = SeededItems(dataset, stream)
+
+    def build(shards: list[Shard]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `shards`, with the numerics of the loop's current try."""
         loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
+            items,
+            batch_sampler=[
+                list(range(b, min(b + batch_size, s.stop)))
+                for s in shards
+                for b in range(s.start, s.stop, batch_size)
+            ],
             num_workers=num_workers,
-            generator=torch.Generator().manual_seed(stream),
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda",  # so the copies to the GPU can be non-blocking
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream)
-            desc = f"{label} ({numerics.name})"
-            f, y = extract(
-                body,
-                loader,
-                device,
-                numerics,
-                desc=desc,
-                total=len(dataset),
-                models_dir=store.root / MODELS_DIR,
-                fingerprint=fingerprint,
-            )
-        return FeatureSet(f.to(STORED_DTYPE), y)
+        yield from extract_batches(
+            body,
+            loader,
+            device,
+            numerics,
+            desc=f"{label} ({numerics.name})",
+            total=sum(s.stop - s.start for s in shards),
+            models_dir=store.root / MODELS_DIR,
+            fingerprint=fingerprint,
+        )
 
     while True:
         parts = {
@@ -108,7 +113,7 @@ def cached_features(
             "seed": None if view is None else seed,
         }
         try:
-            fs, hit, path = store.get_or_build(parts, build)
+            fs, hit, path = store.get_or_build_rows(parts, len(dataset), batch_size, build, label)
             break
         except BackendUnavailable as e:
             if numerics.fallback is None:
@@ -122,3 +127,19 @@ def cached_features(
     log.info("feature cache %s for %s: %s", "hit" if hit else "built", label, path or "(not stored)")
     fs.extraction = numerics.name
     return fs, hit, path
+
+
+class SeededItems(Dataset):
+    """`dataset[i]` with torch's random generator seeded by (`stream`, i) for its transform, and left
+    as it was afterwards (in this process or in a loader worker)."""
+
+    def __init__(self, dataset: Any, stream: int) -> None:
+        self.dataset, self.stream = dataset, stream
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.stream, i]).generate_state(1)[0]))
+            return self.dataset[i]

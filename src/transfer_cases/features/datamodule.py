@@ -32,7 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.data.sources import STAMPS
@@ -40,6 +40,7 @@ from transfer_cases.features.backend import check_backend, choose_backend
 from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import resolve_extraction
+from transfer_cases.features.mapped import MappedRows
 from transfer_cases.features.store import FeatureSet, FeatureStore
 from transfer_cases.utils.errors import ConfigError, DataError
 from transfer_cases.utils.validate import one_of, whole
@@ -100,9 +101,9 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.body = body
         self.store = store
         self.settings = settings or ExtractionSettings()
-        self.train_dataset: FeatureRows | None = None
-        self.val_dataset: FeatureRows | None = None
-        self.test_dataset: FeatureRows | None = None
+        self.train_dataset: MappedRows | None = None
+        self.val_dataset: MappedRows | None = None
+        self.test_dataset: MappedRows | None = None
         self.report: dict[str, Any] = {}
 
     # The image data module's facts, unchanged.
@@ -175,13 +176,12 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
         train = self.images.train_dataset
         if self.settings.train_views == 0:
-            train_fs = features("train", self._eval_copy(train), None)
+            self.train_dataset = _rows([features("train", self._eval_copy(train), None)])
         else:
             views = [features("train", train, v) for v in range(self.settings.train_views)]
-            train_fs = FeatureSet(torch.stack([v.features for v in views], dim=1), views[0].labels)
-        self.train_dataset = _tensors(train_fs)
-        self.val_dataset = _tensors(features("val", self.images.val_dataset, None))
-        self.test_dataset = None if test is None else _tensors(features("test", test, None))
+            self.train_dataset = _rows(views, stacked=True)
+        self.val_dataset = _rows([features("val", self.images.val_dataset, None)])
+        self.test_dataset = None if test is None else _rows([features("test", test, None)])
 
     def _eval_copy(self, dataset: Dataset) -> Dataset:
         """The same images through the eval transform (the un-augmented view)."""
@@ -189,47 +189,48 @@ class CachedFeatureDataModule(L.LightningDataModule):
         clean.transform = self.images.predict_transform()
         return clean
 
-    # -- loaders over the cached tensors (in memory: no workers needed) ---------------------------
+    # -- loaders over the mapped rows (a gather per batch: no workers needed) ----------------------
     def train_dataloader(self) -> DataLoader:
+        """Epoch e's seeded permutation, dealt out to the ranks (rank r of W takes positions r, r + W,
+        ...): W ranks with batch b step through exactly the rows one process with batch W x b does."""
         self.setup()
-        generator = torch.Generator().manual_seed(self.images.seed)
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.images.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=_as_batch,
+        trainer = getattr(self, "trainer", None)
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
+        assert self.train_dataset is not None
+        sampler = DistributedSampler(
+            self.train_dataset, **{"num_replicas": 1, "rank": 0, **ranks}, seed=self.images.seed
         )
+        return self._loader(self.train_dataset, self.images.batch_size, sampler)
+
+    def _loader(self, rows: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        # Batches leave pinned memory for a GPU, so Lightning's non-blocking copy overlaps the step.
+        trainer = getattr(self, "trainer", None)
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch, pin_memory=pin)
 
     # Evaluation batches do not change any metric (they are sums over the split), so val and test
     # come in batches of up to EVAL_ROWS feature rows: one step instead of dozens of ~ms steps.
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.val_dataset, batch_size=EVAL_ROWS, collate_fn=_as_batch)
+        assert self.val_dataset is not None
+        return self._loader(self.val_dataset, EVAL_ROWS)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
         if self.test_dataset is None:
             raise DataError(self.images.no_test_split_message())
-        return DataLoader(self.test_dataset, batch_size=EVAL_ROWS, collate_fn=_as_batch)
-
-
-class FeatureRows(TensorDataset):
-    """Feature rows and labels, fetched a batch at a time: one tensor index per batch instead of
-    a `__getitem__` per row and a stack (most of a step's cost for a head on features)."""
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(indices)
-        return tuple(t[index] for t in self.tensors)
+        return self._loader(self.test_dataset, EVAL_ROWS)
 
 
 def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> FeatureBatch:
-    """`FeatureRows` already returns whole batches: nothing to collate, only the type to say what it is."""
+    """`MappedRows` already returns whole batches: nothing to collate, only the type to say what it is."""
     return FeatureBatch(*batch)
 
 
-def _tensors(fs: FeatureSet) -> FeatureRows:
-    return FeatureRows(fs.features.float(), fs.labels.long())
+def _rows(views: list[FeatureSet], stacked: bool = False) -> MappedRows:
+    """The rows of one split: one feature set, or one per augmented view (`stacked`: (B, V, C) batches)."""
+    releases = [v.release for v in views if v.release is not None]
+    return MappedRows([v.features for v in views], views[0].labels, releases, stacked)
 
 
 class FeatureCache:

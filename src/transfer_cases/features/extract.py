@@ -9,9 +9,10 @@ and checks that a head trained on each one's features keeps its accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,8 +85,13 @@ def resolve_extraction(
     return Extraction("onnxruntime_fp32", backend=ONNXRUNTIME, fallback=numerics)
 
 
-@torch.no_grad()  # not inference_mode: the features become inputs of a trained head
-def extract(
+def extract(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(features, labels)` of every batch, concatenated: `extract_batches` (same arguments) in one piece."""
+    feats, labels = zip(*extract_batches(*args, **kwargs), strict=True)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def extract_batches(
     body: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
@@ -94,8 +100,9 @@ def extract(
     total: int | None = None,
     models_dir: str | Path | None = None,
     fingerprint: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(features, labels)` of every batch through `body` (in eval mode), returned as float32 on the CPU.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`(features, labels)` of each batch through `body` (in eval mode), float32 on the CPU, as they come:
+    a caller can store each one before the next is computed (memory grows with the batch, not the split).
 
     On torch, the body is moved to `device` (and channels_last) for the pass and put back afterwards.
     On onnxruntime, the body exported to `models_dir` (keyed by its `fingerprint`) runs instead;
@@ -104,7 +111,8 @@ def extract(
     if extraction.backend == ONNXRUNTIME:
         from transfer_cases.features.onnx_body import OnnxBody
 
-        return _run(OnnxBody(body, models_dir, device, fingerprint), batches, desc, total)
+        yield from _run(OnnxBody(body, models_dir, device, fingerprint), batches, desc, total)
+        return
     param = next(body.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
     was_training = body.training
@@ -112,26 +120,25 @@ def extract(
     body.eval().to(device, memory_format=fmt)
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        # From pinned memory (the loader pins on CUDA) the copy overlaps the previous batch's work.
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=extraction.autocast, enabled=bool(extraction.autocast)):
             return body(x)
 
     try:
-        return _run(run, batches, desc, total)
+        yield from _run(run, batches, desc, total)
     finally:
         body.to(home, memory_format=torch.contiguous_format).train(was_training)
 
 
+@torch.no_grad()  # not inference_mode: the features become inputs of a trained head
 def _run(
     run: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     desc: str,
     total: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False, disable=None) as bar:
         for x, y in batches:
-            feats.append(run(x).float().cpu())
-            labels.append(torch.as_tensor(y))
+            yield run(x).float().cpu(), torch.as_tensor(y)
             bar.update(len(x))
-    return torch.cat(feats), torch.cat(labels)

@@ -1,6 +1,11 @@
-"""Feature files on disk: one file per cache key, written atomically, checked when read.
+"""Feature files on disk, checked when read: a split's features in shards (`get_or_build_rows`), small
+records in one file per key (`get_or_build`).
 
-A file holds `{"format", "key", "parts", "features", "labels", "digest"}` (tensors, strings and numbers
+A split's rows are shared out between the ranks of a distributed run, each extracting its shards into
+the key's memory-mapped arrays (`features.shards`); every rank then checks its share of the digests
+and maps the whole set. A shard whose digest does not match is extracted again, alone.
+
+A record file holds `{"format", "key", "parts", "features", "labels", "digest"}` (tensors, strings and numbers
 only, so it loads with `torch.load(weights_only=True)`). `digest` is a SHA-256 of the tensors: a file that
 was truncated, overwritten or damaged is detected on load and rebuilt, never used. Builds are serialised
 per key with a file lock, so two runs (a multirun, DDP ranks) never build the same file twice at once
@@ -12,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from transfer_cases.features.onnx_body import BackendUnavailable
+from transfer_cases.features.ranks import meet, world
+from transfer_cases.features.shards import Shard, ShardedArrays, layout, take
 from transfer_cases.utils.atomic import atomic_write
 from transfer_cases.utils.digest import tensor_digest
 from transfer_cases.utils.errors import ConfigError, OutputError
@@ -27,6 +36,9 @@ from transfer_cases.utils.errors import ConfigError, OutputError
 log = logging.getLogger(__name__)
 
 FORMAT = "transfer-cases-features/1"
+# How long past its own share a rank waits for the other ranks' before naming the missing ones.
+SYNC_GRACE_S = 600.0
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -35,11 +47,13 @@ class FeatureSet:
 
     `features` is (N, C), or (N, V, C) for V augmented views of each training image; `extraction`
     names the pass that computed them (set by `cached_features`, not stored: the key holds it).
+    `release`, for features mapped from disk, gives back the resident pages of the rows read so far.
     """
 
     features: torch.Tensor
     labels: torch.Tensor
     extraction: str | None = None
+    release: Callable[[], None] | None = None
 
     def digest(self) -> str:
         return tensor_digest([("features", self.features), ("labels", self.labels)])
@@ -105,6 +119,96 @@ class FeatureStore:
             "cache.dir) to a folder you can write, or turn the cache off with cache.enabled=false"
         )
 
+    def _folder(self, key: str) -> Path:
+        try:
+            (self.root / key[:32]).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._not_writable("create", e) from None
+        return self.root / key[:32]
+
+    def get_or_build_rows(
+        self,
+        parts: dict[str, Any],
+        rows: int,
+        batch_size: int,
+        build: Callable[[list[Shard]], Batches],
+        label: str = "features",
+    ) -> tuple[FeatureSet, bool, Path | None]:
+        """`(features, hit, folder)` of a split of `rows` rows: this rank extracts its shards of the
+        split (`build(shards)` yields their batches, in order), all ranks meet, check their share of
+        the digests, and map the whole set. `hit` is True when no rank extracted anything; `folder`
+        is None when the features could not be stored (then every rank holds them in memory)."""
+        key = cache_key(parts)
+        arrays = ShardedArrays(self._folder(key), key, rows)
+        shards = layout(rows, batch_size)
+        rank, size = world()
+        built = 0
+        try:
+            arrays.drop_if_damaged()
+            for _ in range(2):  # a shard found damaged is extracted once more
+                built += self._build_share(arrays, shards, build, rank, size, label)
+                bad = [s for s in shards[rank::size] if not arrays.intact(s)]
+                for shard in bad:
+                    log.warning(
+                        "feature cache %s %s does not match its checksum; rebuilding it",
+                        arrays.folder,
+                        shard.name,
+                    )
+                    arrays.discard(shard)
+                met = meet(
+                    {"bad": len(bad), "built": built}, timeout_s=SYNC_GRACE_S, what=f"checking {label}"
+                )
+                if not any(m["bad"] for m in met):
+                    break
+            else:
+                raise OutputError(
+                    f"feature cache {arrays.folder}: shards read back differ from what was written"
+                )
+        except OutputError as e:
+            # The cache only saves time: a run whose features cannot be stored trains on them in memory.
+            log.warning("%s; training on the features in memory, without caching them", e)
+            f, y = zip(*build(shards), strict=True)
+            return FeatureSet(torch.cat(f), torch.cat(y)), False, None
+        features, labels, release = arrays.open()
+        hit = not any(m["built"] for m in met)
+        if not hit:
+            log.info("%s: rank %d of %d extracted %d of %d shards", label, rank, size, built, len(shards))
+        return FeatureSet(features, labels, release=release), hit, arrays.folder
+
+    def _build_share(
+        self,
+        arrays: ShardedArrays,
+        shards: list[Shard],
+        build: Callable[[list[Shard]], Batches],
+        rank: int,
+        size: int,
+        label: str,
+    ) -> int:
+        """Extract this rank's missing shards (rank r of W takes shards r, r + W, ...); then, once every
+        rank is done, any shard still without a record here (a cache folder that the nodes do not
+        share) is extracted here too. The number of shards extracted."""
+        start, built, status = time.monotonic(), 0, {}
+        try:
+            built += _fill(
+                arrays, shards[rank::size], build, {"rank": rank, "world_size": size}, f"{rank}-of-{size}"
+            )
+        except Exception as e:
+            status = {"error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__}
+            raise
+        finally:
+            passed_on = (BackendUnavailable, OutputError)
+            timeout = SYNC_GRACE_S + time.monotonic() - start
+            meet(status, timeout_s=timeout, what=f"extracting its share of {label}", passed_on=passed_on)
+        if size > 1 and any(arrays.record(s) is None for s in shards):
+            log.warning(
+                "%s: other ranks' shards are not in %s here (a folder the nodes do not share?); "
+                "extracting them on this rank too",
+                label,
+                arrays.folder,
+            )
+            built += _fill(arrays, shards, build, {"rank": rank, "world_size": size}, "all")
+        return built
+
     def get_or_build(
         self, parts: dict[str, Any], build: Callable[[], FeatureSet]
     ) -> tuple[FeatureSet, bool, Path | None]:
@@ -136,3 +240,21 @@ class FeatureStore:
                 return fs, False, None
         finally:
             lock.release()
+
+
+def _fill(
+    arrays: ShardedArrays,
+    shards: list[Shard],
+    build: Callable[[list[Shard]], Batches],
+    meta: dict[str, Any],
+    share: str,
+) -> int:
+    """Extract the shards of `shards` that have no record, in one pass; the lock keeps a concurrent run
+    from extracting the same share at once (it waits, then finds the records)."""
+    with FileLock(str(arrays.folder / f".share-{share}.lock")):
+        todo = [s for s in shards if arrays.record(s) is None]
+        if todo:
+            batches = iter(build(todo))
+            for shard in todo:
+                arrays.write(shard, take(batches, shard.stop - shard.start), meta)
+    return len(todo)

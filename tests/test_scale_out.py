@@ -1,0 +1,230 @@
+"""Features once at any scale: sharded extraction (W ranks = 1 process, bit for bit), a failing or hung
+rank named instead of waited for, rows read from the memory map with bounded resident memory, the
+head's batches dealt out to ranks, and two torchrun "nodes" on localhost (slow)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.conftest import TINY, write_image_folder
+from transfer_cases.data import ImageFolderDataModule
+from transfer_cases.features import (
+    FeatureCache,
+    FeatureStore,
+    cached_features,
+    mapped,
+    resolve_extraction,
+    store,
+)
+from transfer_cases.features.shards import Shard, ShardedArrays
+from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+
+
+def tiny_data(folder: Path) -> tuple[Any, Any]:
+    """A frozen tiny body and its image data module (augmenting train transform), set up."""
+    torch.manual_seed(0)
+    body = instantiate_clean(TINY).build(pretrained=False)
+    body.freeze(body.depth)
+    data = ImageFolderDataModule(write_image_folder(folder), batch_size=2, image_size=32)
+    data.preprocess = body.preprocess
+    data.setup("fit")
+    return body, data
+
+
+def _as_rank(rank: int, world: int, init: str, job: Any, out: str) -> None:
+    """Run `job()` as rank `rank` of a gloo group; write what it returned, or its error, to `out`."""
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        result = {"ok": job()}
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - START[0]}
+    Path(out).write_text(json.dumps(result))
+    os._exit(0)  # no teardown: a peer may be gone
+
+
+START = [0.0]
+
+
+def run_ranks(
+    tmp_path: Path, jobs: list[Any], timeout: float = 60, first: bool = False
+) -> list[dict[str, Any]]:
+    """Each job in its own forked process, as the ranks of one gloo group; their results in rank order
+    (with `first`, the others are killed once rank 0 is done)."""
+    ctx = mp.get_context("fork")
+    START[0] = time.monotonic()
+    outs = [tmp_path / f"rank{r}.json" for r in range(len(jobs))]
+    init = tmp_path / "init"
+    procs = [
+        ctx.Process(target=_as_rank, args=(r, len(jobs), str(init), job, str(out)))
+        for r, (job, out) in enumerate(zip(jobs, outs, strict=True))
+    ]
+    for p in procs:
+        p.start()
+    for p in procs[: 1 if first else None]:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [json.loads(o.read_text()) if o.exists() else {"error": "no result"} for o in outs]
+
+
+def extract_views(
+    body: Any, dataset: Any, cache: Path, views: tuple[int | None, ...] = (None,)
+) -> dict[str, Any]:
+    """`dataset` as its transform gives it (view None) or augmented `views`, in batches of 2, stored."""
+    numerics = resolve_extraction("fp32", CPU)
+    out = {}
+    for view in views:
+        fs, hit, path = cached_features(
+            FeatureStore(cache), body, dataset, device=CPU, numerics=numerics, batch_size=2, view=view
+        )
+        out[str(view)] = {"path": str(path), "hit": hit, "rows": len(fs.features)}
+    return out
+
+
+def test_one_process_and_two_ranks_extract_bit_identical_features_in_order(
+    tmp_path: Path,
+) -> None:
+    body, data = tiny_data(tmp_path / "images")
+    train = data.train_dataset
+    single = extract_views(body, train, tmp_path / "one", views=(0, 1))
+    results = run_ranks(tmp_path, [lambda: extract_views(body, train, tmp_path / "two", views=(0, 1))] * 2)
+    assert all("ok" in r for r in results), results
+    for view in ("0", "1"):
+        a, b = Path(single[view]["path"]), Path(results[0]["ok"][view]["path"])
+        assert results[1]["ok"][view]["path"] == str(b) and not results[0]["ok"][view]["hit"]
+        for name in ("features", "labels"):
+            one, two = np.load(a / f"{name}.npy"), np.load(b / f"{name}.npy", mmap_mode="r")
+            assert one.shape[0] == len(train) and np.array_equal(one, two), (view, name)
+        ranks = [json.loads(r.read_text())["rank"] for r in sorted(b.glob("rows-*.json"))]
+        assert ranks == [0, 1] * 3  # 6 shards of one batch: rank r of 2 took shards r, r + 2, ...
+    # Each view is its own random crop of every image (seeded per image, whichever rank reads it).
+    crops = [np.load(Path(single[v]["path"]) / "features.npy") for v in ("0", "1")]
+    assert not np.allclose(*crops)
+
+
+class _Broken:
+    """A dataset whose image `bad` cannot be read (as a truncated file), or that hangs there."""
+
+    def __init__(self, dataset: Any, bad: int, hang: bool = False) -> None:
+        self.dataset, self.bad, self.hang = dataset, bad, hang
+        self.transform = dataset.transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def fingerprint(self) -> str:
+        return self.dataset.fingerprint()
+
+    def __getitem__(self, i: int) -> Any:
+        if i == self.bad:
+            if self.hang:
+                time.sleep(60)
+            raise DataError(f"image {i} is truncated")
+        return self.dataset[i]
+
+
+def test_a_failing_rank_stops_the_others_at_once_naming_it(tmp_path: Path) -> None:
+    body, data = tiny_data(tmp_path / "images")
+    broken = _Broken(data.val_dataset, bad=3)  # row 3: rank 1's second shard
+    results = run_ranks(tmp_path, [lambda: extract_views(body, broken, tmp_path / "c")] * 2)
+    assert results[1]["error"] == "DataError: image 3 is truncated"
+    assert results[0]["error"].startswith(
+        "PeerFailed: rank 1 failed extracting its share of features: DataError"
+    )
+    assert results[0]["after_s"] < 30
+    # Rank 0's shards were recorded; a re-run (one process) extracts only rank 1's.
+    folder = next(p for p in (tmp_path / "c").iterdir() if p.is_dir())
+    assert sorted(json.loads(r.read_text())["rank"] for r in folder.glob("rows-*.json")) == [0, 0]
+
+
+def test_a_hung_rank_is_named_when_the_deadline_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body, data = tiny_data(tmp_path / "images")
+    monkeypatch.setattr(store, "SYNC_GRACE_S", 2.0)
+    hung = _Broken(data.val_dataset, bad=3, hang=True)
+    results = run_ranks(tmp_path, [lambda: extract_views(body, hung, tmp_path / "c")] * 2, first=True)
+    assert results[0]["error"].startswith("PeerFailed: rank 0: another rank did not finish extracting")
+    assert results[0]["after_s"] < 30
+
+
+def test_a_rerun_extracts_only_the_missing_shards(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    body, data = tiny_data(tmp_path / "images")
+    first = extract_views(body, data.val_dataset, tmp_path / "c")["None"]
+    folder = Path(first["path"])
+    before = np.load(folder / "features.npy")
+    (folder / "rows-000000002-000000004.json").unlink()  # a rank killed before it recorded this shard
+    with caplog.at_level("INFO", logger="transfer_cases.features"):
+        again = extract_views(body, data.val_dataset, tmp_path / "c")["None"]
+    assert not again["hit"] and "rank 0 of 1 extracted 1 of 3 shards" in caplog.text
+    assert np.array_equal(np.load(folder / "features.npy"), before)
+
+
+def _resident_file_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"RssFile:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status (Linux)")
+@pytest.mark.parametrize("release", [True, False])
+def test_rows_are_read_from_the_map_and_its_pages_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: bool
+) -> None:
+    """A pass over 64 MB of mapped rows: with the release, resident file pages stay near the release
+    window; without it (the control) they grow to the whole file, so the test can tell."""
+    rows, width = 16384, 1024
+    arrays = ShardedArrays(tmp_path, "k", rows)
+    batches = ((torch.randn(1024, width), torch.zeros(1024, dtype=torch.long)) for _ in range(16))
+    arrays.write(Shard(0, rows), batches, {})
+    assert np.load(tmp_path / "features.npy", mmap_mode="r").shape == (rows, width)  # a plain .npy
+    features, labels, give_back = arrays.open()
+    monkeypatch.setattr(mapped, "RELEASE_BYTES", 4 << 20)
+    dataset = mapped.MappedRows([features], labels, [give_back] if release else [])
+    give_back()
+    before = _resident_file_kb()
+    order = torch.randperm(rows).tolist()
+    for i in range(0, rows, 256):
+        dataset.__getitems__(order[i : i + 256])
+    grown_mb = (_resident_file_kb() - before) / 1024
+    assert grown_mb < 16 if release else grown_mb > 48, grown_mb
+
+
+def test_ranks_step_through_the_rows_one_process_steps_through(tmp_path: Path) -> None:
+    """Rank r of 2 with batch b takes, at every step, its half of what one process with batch 2b takes."""
+    body, data = tiny_data(tmp_path / "images")
+    cache = FeatureCache(dir=tmp_path / "cache", extraction="fp32").wrap(data, body)
+    cache.setup("fit")
+
+    class Trainer:
+        def __init__(self, world_size: int, global_rank: int) -> None:
+            self.world_size, self.global_rank = world_size, global_rank
+            self.strategy = type("S", (), {"root_device": CPU})()
+
+    def batches(world: int, rank: int, batch: int) -> list[set[int]]:
+        cache.trainer, cache.images.batch_size = Trainer(world, rank), batch  # type: ignore[assignment]
+        loader = cache.train_dataloader()
+        loader.sampler.set_epoch(1)  # type: ignore[attr-defined]
+        rows = cache.train_dataset.tensors[0]
+        return [{int((rows == r).all(1).nonzero()[0]) for r in x} for x, _ in loader]
+
+    one = batches(1, 0, 4)
+    halves = [batches(2, r, 2) for r in (0, 1)]
+    assert len(one) == 3 and [a | b for a, b in zip(*halves, strict=True)] == one
