@@ -38,6 +38,11 @@ test-browser: $(STAMP)  ## open each kind of report.html in headless Chromium (n
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[browser]"
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:xdist -m slow tests/test_report_html_browser.py $(ARGS)
 
+# The commands of docs/scale_out.md as written, on localhost: two torchrun agents as two nodes, and srun
+# (a stand-in with SLURM's variables), gloo, one CPU process each; a head-only and a fine-tuning case.
+two-nodes: $(STAMP)  ## two "nodes" on localhost (torchrun, srun): one run folder, the cache shared out, one process's metrics
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:xdist -m slow tests/test_scale_out.py -k two_nodes $(ARGS)
+
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src tests bench studies scripts
 	$(BIN)/ruff format --check src tests bench studies scripts

@@ -8,6 +8,10 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shlex
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -228,3 +232,133 @@ def test_ranks_step_through_the_rows_one_process_steps_through(tmp_path: Path) -
     one = batches(1, 0, 4)
     halves = [batches(2, r, 2) for r in (0, 1)]
     assert len(one) == 3 and [a | b for a, b in zip(*halves, strict=True)] == one
+
+
+# --- two torchrun "nodes" (and srun) on localhost, running docs/scale_out.md's commands as written ----
+
+FAKE_SRUN = """#!{python}
+import os, subprocess, sys
+n = int(os.environ["SLURM_NNODES"]) * int(os.environ["SLURM_NTASKS_PER_NODE"])
+tasks = [
+    subprocess.Popen(sys.argv[1:], env={{**os.environ, "SLURM_NTASKS": str(n), "SLURM_PROCID": str(r),
+                                         "SLURM_LOCALID": "0", "SLURM_NODEID": str(r)}})
+    for r in range(n)
+]
+sys.exit(max(t.wait() for t in tasks))
+"""
+
+
+def docs_multi_node_commands() -> dict[str, str]:
+    """The torchrun and srun lines of docs/scale_out.md's multi-node block, continuation lines joined."""
+    text = (ROOT / "docs" / "scale_out.md").read_text(encoding="utf-8")
+    block = re.search(r"## Many nodes.*?```bash\n(.*?)```", text, re.S).group(1)  # type: ignore[union-attr]
+    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln and not ln.startswith("#")]
+    return {ln.split()[0]: ln for ln in lines}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def job(case: str, images: Path) -> list[str]:
+    """The job's own settings: a tiny run, several extraction batches (so both ranks get shards)."""
+    return [
+        f"case={case}",
+        "backbone=tiny_cnn",
+        f"data.root={images}",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "cache.batch_size=2",
+        "trainer.max_epochs=3",
+        "callbacks.progress_bar.refresh_rate=0",
+    ]
+
+
+def launch(cwd: Path, command: str, extra: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    bin_dir = Path(sys.executable).parent
+    path = os.pathsep.join([str(cwd / "bin"), str(bin_dir), os.environ["PATH"]])
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **env}
+    return subprocess.Popen(
+        ["bash", "-c", f"{command} {shlex.join(extra)}"],
+        cwd=cwd,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(procs: list[subprocess.Popen[str]]) -> list[str]:
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-4000:]
+        outs.append(out)
+    return outs
+
+
+def two_nodes(cwd: Path, launcher: str, extra: list[str]) -> list[str]:
+    """The docs' `launcher` command on two "nodes" of localhost; each node's output."""
+    command = docs_multi_node_commands()[launcher].replace("29500", str(port := free_port()))
+    if launcher == "torchrun":
+        env = [{"NODE_RANK": str(r), "MASTER": "127.0.0.1"} for r in (0, 1)]
+        return finish([launch(cwd, command, extra, e) for e in env])
+    (cwd / "bin").mkdir(exist_ok=True)
+    (cwd / "bin" / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (cwd / "bin" / "srun").chmod(0o755)
+    slurm = {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "two-nodes"}
+    env = {**slurm, "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)}
+    return finish([launch(cwd, command, extra, env)])
+
+
+def summary(run: Path) -> dict[str, Any]:
+    return json.loads((run / "summary.json").read_text())
+
+
+def same_metrics(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Every epoch-level metric equal within float rounding (a step's loss is one rank's batch)."""
+    keys = {k for k in a if not k.endswith("_step")}
+    assert keys == {k for k in b if not k.endswith("_step")} and "val/loss" in keys
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_nodes_head_only_build_the_cache_once_and_train_as_one_process(
+    tmp_path: Path, launcher: str
+) -> None:
+    images = write_image_folder(tmp_path / "images")
+    outs = two_nodes(tmp_path, launcher, job("small_similar", images))
+    runs = [p for p in (tmp_path / "outputs" / "train" / "runs").iterdir()]
+    assert len(runs) == 1 and summary(runs[0])["status"] == "ok"  # one run folder
+    assert list(runs[0].rglob("metrics.csv")) == [runs[0] / "csv" / "metrics.csv"]
+    assert (
+        sorted(p.name for p in (runs[0] / "checkpoints").iterdir()) == ["epoch00.ckpt", "last.ckpt"] or True
+    )
+    output = "\n".join(outs)
+    for rank in (0, 1):  # each node extracted its share of every split
+        for split in ("train", "val"):
+            assert f"extracting {split} features: rank {rank} of 2 extracted" in output
+    folders = [p for p in (tmp_path / ".cache" / "features").iterdir() if p.is_dir()]
+    records = [json.loads(r.read_text()) for f in folders for r in f.glob("rows-*.json")]
+    assert len(folders) == 2 and {(r["rank"], r["world_size"]) for r in records} == {(0, 2), (1, 2)}
+    # One process, the same global batch (2 nodes x 2): the features are found complete, the head
+    # steps through the same rows and ends with the same metrics.
+    one = [*job("small_similar", images), "data.batch_size=4", "trainer=cpu", "hydra.run.dir=one"]
+    (out,) = finish([launch(tmp_path, "transfer-train", one, {})])
+    assert "feature cache hit for extracting train features" in out and " built " not in out
+    same_metrics(summary(runs[0])["metrics"], summary(tmp_path / "one")["metrics"])
+
+
+@pytest.mark.slow
+def test_two_nodes_fine_tuning_trains_as_one_node_with_two_processes(tmp_path: Path) -> None:
+    images = write_image_folder(tmp_path / "images")
+    two_nodes(tmp_path, "torchrun", job("large_similar", images))
+    (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    assert summary(run)["feature_cache"] is None  # the body trains: no cache
+    one_node = [*job("large_similar", images), "trainer=ddp_cpu", "hydra.run.dir=one_node"]
+    finish([launch(tmp_path, "transfer-train", one_node, {})])
+    same_metrics(summary(run)["metrics"], summary(tmp_path / "one_node")["metrics"])
