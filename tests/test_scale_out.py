@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tests.conftest import TINY, write_image_folder
+from tests.helpers.run_if import RunIf
 from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.features import (
     FeatureCache,
@@ -362,3 +363,25 @@ def test_two_nodes_fine_tuning_trains_as_one_node_with_two_processes(tmp_path: P
     one_node = [*job("large_similar", images), "trainer=ddp_cpu", "hydra.run.dir=one_node"]
     finish([launch(tmp_path, "transfer-train", one_node, {})])
     same_metrics(summary(run)["metrics"], summary(tmp_path / "one_node")["metrics"])
+
+
+@RunIf(min_gpus=2)
+def test_two_gpus_each_extract_their_share_from_pinned_memory(tmp_path: Path) -> None:
+    """`trainer=ddp` on 2 GPUs: each rank extracts its shards on its own GPU (pinned batches, non-blocking
+    copies); the rows match one GPU's within float rounding and the head trains on the mapped rows."""
+    from tests.test_configs import run_cli
+
+    images = write_image_folder(tmp_path / "images")
+    for name, trainer in (("two", ["trainer=ddp", "trainer.devices=2"]), ("one", ["trainer=gpu"])):
+        cache = ["cache.extraction=fp32", f"paths.cache_dir={tmp_path / name}"]
+        run = run_cli(
+            "transfer-train", *job("small_similar", images), *trainer, *cache, cwd=tmp_path, fresh=True
+        )
+        assert run.returncode == 0, run.stderr[-4000:]
+    folders = [p for p in (tmp_path / "two" / "features").iterdir() if (p / "features.npy").exists()]
+    assert len(folders) == 2  # train and val
+    for folder in folders:
+        records = [json.loads(r.read_text()) for r in folder.glob("rows-*.json")]
+        assert {r["rank"] for r in records} == {0, 1}
+        one_gpu = np.load(tmp_path / "one" / "features" / folder.name / "features.npy")
+        np.testing.assert_allclose(np.load(folder / "features.npy"), one_gpu, rtol=1e-4, atol=1e-5)
