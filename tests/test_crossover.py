@@ -66,6 +66,11 @@ def test_plan_runs_coarse_grid_with_one_seed_first_and_advice_before_each_cells_
         Step("cifar10", 200, 2, "large_different")
     )
     assert tier(Step("mnist", 20, 0, "large_similar")) > tier(Step("mnist", 20, 2, "small_similar"))
+    # LP-FT runs with the other cases only in the middle of the grid.
+    assert tier(Step("mnist", 100, 0, "large_different+lpft")) == tier(
+        Step("mnist", 100, 0, "large_different")
+    )
+    assert tier(Step("mnist", 20, 0, "large_different+lpft")) > tier(Step("mnist", 200, 2, "large_different"))
     assert len(steps) == len({st.name for st in steps})
 
 
