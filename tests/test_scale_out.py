@@ -212,6 +212,19 @@ def test_rows_are_read_from_the_map_and_its_pages_given_back(
     assert grown_mb < 16 if release else grown_mb > 48, grown_mb
 
 
+@pytest.mark.parametrize(("rows", "world"), [(10, 1), (10, 3), (2, 4), (7, 2)])
+def test_row_sampler_deals_what_distributed_sampler_deals(rows: int, world: int) -> None:
+    for rank in range(world):
+        ours, theirs = (
+            kind(range(rows), num_replicas=world, rank=rank, seed=5)
+            for kind in (mapped.RowSampler, torch.utils.data.DistributedSampler)
+        )
+        for epoch in (0, 3):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs), (rank, epoch)
+
+
 def test_ranks_step_through_the_rows_one_process_steps_through(tmp_path: Path) -> None:
     """Rank r of 2 with batch b takes, at every step, its half of what one process with batch 2b takes."""
     body, data = tiny_data(tmp_path / "images")

@@ -32,7 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.data.sources import STAMPS
@@ -40,7 +40,7 @@ from transfer_cases.features.backend import check_backend, choose_backend
 from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.cached import cached_features
 from transfer_cases.features.extract import resolve_extraction
-from transfer_cases.features.mapped import MappedRows
+from transfer_cases.features.mapped import MappedRows, RowSampler
 from transfer_cases.features.store import FeatureSet, FeatureStore
 from transfer_cases.utils.errors import ConfigError, DataError
 from transfer_cases.utils.validate import one_of, whole
@@ -197,7 +197,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
         assert self.train_dataset is not None
-        sampler = DistributedSampler(
+        sampler = RowSampler(
             self.train_dataset, **{"num_replicas": 1, "rank": 0, **ranks}, seed=self.images.seed
         )
         return self._loader(self.train_dataset, self.images.batch_size, sampler)

@@ -4,16 +4,20 @@
 `RELEASE_BYTES` of rows read, gives the mapping's resident pages back to the kernel: pages of a file
 mapping that were touched stay counted in the process's resident memory until then, so without it a
 head-only run's memory would grow to the whole split over an epoch. The file stays in the page cache.
+
+`RowSampler` is `DistributedSampler`'s order, kept as a tensor (8 bytes a row) instead of a list of
+Python ints (about 36), so that the order of a large split does not outweigh the batch either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
-RELEASE_BYTES = 64 << 20  # rows read between two page releases: the resident memory a reader may hold
+RELEASE_BYTES = 32 << 20  # rows read between two page releases: the resident memory a reader may hold
 
 
 class MappedRows(Dataset):
@@ -57,3 +61,16 @@ class MappedRows(Dataset):
             for release in self._release:
                 release()
         return features, labels
+
+
+class RowSampler(DistributedSampler):
+    """`DistributedSampler(shuffle=True)`'s indices for this rank (the permutation of `seed` + epoch,
+    padded to a multiple of the ranks, rank r taking positions r, r + W, ...), yielded from a tensor."""
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        if self.total_size > n:  # as DistributedSampler pads: every rank takes as many steps
+            order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
+        for chunk in order[self.rank : self.total_size : self.num_replicas].split(1 << 16):
+            yield from chunk.tolist()
