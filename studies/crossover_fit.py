@@ -216,7 +216,8 @@ def markdown(result: dict[str, Any], left_out: int, partial: bool) -> str:
     for name, per in result["compare"].items():
         out.append(f"| {name} | " + " | ".join(f"{s['hits']}/{s['cells']}" for s in per.values()) + " |")
     shipped = [m for s in next(iter(result["compare"].values())).values() for m in s["misses"]]
-    out += ["", "Misses of the final fit (in sample):", "", header, rule, *miss_lines(shipped), ""]
+    out += ["", "Misses of the final fit (in sample):", ""]
+    out += [header, rule, *miss_lines(shipped), ""] if shipped else ["None.", ""]
     out += ["## Predicted against measured gain (held-out fits)", "", *gain_table(loo), ""]
     return "\n".join(out)
 
