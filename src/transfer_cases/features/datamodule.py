@@ -176,12 +176,12 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
         train = self.images.train_dataset
         if self.settings.train_views == 0:
-            self.train_dataset = _rows([features("train", self._eval_copy(train), None)])
+            self.train_dataset = MappedRows([features("train", self._eval_copy(train), None)])
         else:
             views = [features("train", train, v) for v in range(self.settings.train_views)]
-            self.train_dataset = _rows(views, stacked=True)
-        self.val_dataset = _rows([features("val", self.images.val_dataset, None)])
-        self.test_dataset = None if test is None else _rows([features("test", test, None)])
+            self.train_dataset = MappedRows(views, stacked=True)
+        self.val_dataset = MappedRows([features("val", self.images.val_dataset, None)])
+        self.test_dataset = None if test is None else MappedRows([features("test", test, None)])
 
     def _eval_copy(self, dataset: Dataset) -> Dataset:
         """The same images through the eval transform (the un-augmented view)."""
@@ -225,12 +225,6 @@ class CachedFeatureDataModule(L.LightningDataModule):
 def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> FeatureBatch:
     """`MappedRows` already returns whole batches: nothing to collate, only the type to say what it is."""
     return FeatureBatch(*batch)
-
-
-def _rows(views: list[FeatureSet], stacked: bool = False) -> MappedRows:
-    """The rows of one split: one feature set, or one per augmented view (`stacked`: (B, V, C) batches)."""
-    releases = [v.release for v in views if v.release is not None]
-    return MappedRows([v.features for v in views], views[0].labels, releases, stacked)
 
 
 class FeatureCache:

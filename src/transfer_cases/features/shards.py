@@ -6,7 +6,8 @@ block of whole extraction batches; whoever extracts it writes its rows in place,
 and only then writes its record (atomically) with the SHA-256 of those rows. A record is the only
 thing that makes rows count: a rank killed mid-shard leaves rows without a record, which are
 extracted again; the shards that have records are kept. Digests are checked by streaming the bytes
-from the file (never by mapping or loading the whole array), so checking costs no memory.
+from the file (never by mapping or loading the whole array), so checking costs no memory. Training
+reads rows by index (`FileRows`); whole-split readers (the advisor, the audit) get the map.
 
 Shards are blocks of whole batches starting at a batch boundary, so every batch holds the same images
 however the shards are shared out: one process and W processes compute bit-identical rows.
@@ -19,7 +20,7 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,23 +196,54 @@ class ShardedArrays:
     def discard(self, shard: Shard) -> None:
         self.record_path(shard).unlink(missing_ok=True)
 
-    def open(self) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
-        """`(features, labels, release)`: tensors over private maps of the files (pages read when a
-        row is touched; nothing written back), and a function that gives their resident pages back."""
-        maps, tensors = [], []
-        for path in (self.features_path, self.labels_path):
-            offset, shape, dtype = _header(path)
-            with open(path, "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            maps.append(m)
-            array = np.frombuffer(m, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
-            tensors.append(torch.from_numpy(array))
+    def open(self) -> tuple[torch.Tensor, torch.Tensor, FileRows]:
+        """`(features, labels, rows)`: the features as a tensor over a private map of the file (pages read
+        when touched; nothing written back), the labels in memory (8 bytes a row), and a reader of
+        feature rows by index that makes only those rows resident (`FileRows`)."""
+        offset, shape, dtype = _header(self.features_path)
+        with open(self.features_path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        array = np.frombuffer(m, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+        offset, shape, dtype = _header(self.labels_path)
+        with open(self.labels_path, "rb") as f:
+            f.seek(offset)
+            labels = np.fromfile(f, dtype=dtype, count=int(np.prod(shape)))
+        return torch.from_numpy(array), torch.from_numpy(labels), FileRows(self.features_path)
 
-        def release() -> None:
-            for m in maps:
-                m.madvise(mmap.MADV_DONTNEED)
 
-        return tensors[0], tensors[1], release
+class FileRows:
+    """Rows of an `.npy` file by index, read with positional reads (runs of consecutive rows in one).
+
+    Not through the map: where the kernel keeps a file's page cache in large folios (Linux 6), a fault
+    on a mapped file maps the whole folio around the touched row, not one page, so random rows read
+    through a map make most of the file resident within a few batches. Read this way, only the batch is."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset, self.shape, self.dtype = _header(path)
+        self.row_bytes = _nbytes(self.shape[1:], self.dtype)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        order = index.argsort()
+        wanted = index[order].tolist()
+        rows = np.empty((len(wanted), *self.shape[1:]), self.dtype)
+        start = 0
+        for end in range(1, len(wanted) + 1):
+            if end == len(wanted) or wanted[end] != wanted[end - 1] + 1:
+                view = memoryview(rows[start:end]).cast("B")
+                if os.preadv(self._fd, [view], self.offset + wanted[start] * self.row_bytes) != len(view):
+                    raise OSError(f"feature cache file {self.path} is shorter than its header says")
+                start = end
+        out = torch.empty((len(wanted), *self.shape[1:]), dtype=torch.from_numpy(rows[:0]).dtype)
+        out[order] = torch.from_numpy(rows)
+        return out
+
+    def __del__(self) -> None:
+        os.close(self._fd)
 
 
 def _fits(path: Path) -> tuple[int, tuple[int, ...], np.dtype] | None:

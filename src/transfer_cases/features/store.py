@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from transfer_cases.features.onnx_body import BackendUnavailable
 from transfer_cases.features.ranks import meet, world
-from transfer_cases.features.shards import Shard, ShardedArrays, layout, take
+from transfer_cases.features.shards import FileRows, Shard, ShardedArrays, layout, take
 from transfer_cases.utils.atomic import atomic_write
 from transfer_cases.utils.digest import tensor_digest
 from transfer_cases.utils.errors import ConfigError, OutputError
@@ -47,13 +47,13 @@ class FeatureSet:
 
     `features` is (N, C), or (N, V, C) for V augmented views of each training image; `extraction`
     names the pass that computed them (set by `cached_features`, not stored: the key holds it).
-    `release`, for features mapped from disk, gives back the resident pages of the rows read so far.
+    `rows`, for features mapped from disk, reads rows by index without making the rest resident.
     """
 
     features: torch.Tensor
     labels: torch.Tensor
     extraction: str | None = None
-    release: Callable[[], None] | None = None
+    rows: FileRows | None = None
 
     def digest(self) -> str:
         return tensor_digest([("features", self.features), ("labels", self.labels)])
@@ -169,11 +169,11 @@ class FeatureStore:
             log.warning("%s; training on the features in memory, without caching them", e)
             f, y = zip(*build(shards), strict=True)
             return FeatureSet(torch.cat(f), torch.cat(y)), False, None
-        features, labels, release = arrays.open()
+        features, labels, rows_reader = arrays.open()
         hit = not any(m["built"] for m in met)
         if not hit:
             log.info("%s: rank %d of %d extracted %d of %d shards", label, rank, size, built, len(shards))
-        return FeatureSet(features, labels, release=release), hit, arrays.folder
+        return FeatureSet(features, labels, rows=rows_reader), hit, arrays.folder
 
     def _build_share(
         self,
