@@ -82,6 +82,7 @@ notebook: $(STAMP)  ## run notebooks/01_four_cases.ipynb headless; results and e
 bench: $(STAMP)  ## measure the template's costs side by side; writes bench/results*.{md,json} (long)
 	$(BIN)/python bench/bench.py $(ARGS)
 	$(BIN)/python bench/sweeps.py
+	$(BIN)/python bench/scale_out.py $(filter --quick,$(ARGS))
 
 gpu-check: $(STAMP)  ## one epoch per case in 16-mixed and bf16-mixed, channels_last, on a CUDA GPU
 	$(BIN)/python -m transfer_cases.tools.gpu_check $(ARGS)
