@@ -31,8 +31,12 @@ def _family_best(cells: Sequence[dict[str, Any]], family: Sequence[str]) -> tupl
 
 def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (data set, N): best head-only and best fine-tuning case, gain and its spread."""
+    from studies.crossover import DATASETS
+
+    order = list(DATASETS)
     rows = []
-    for key in sorted({(c["dataset"], c["per_class"]) for c in cells}):
+    keys = {(c["dataset"], c["per_class"]) for c in cells}
+    for key in sorted(keys, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k)):
         group = [c for c in cells if (c["dataset"], c["per_class"]) == key]
         head, head_accs = _family_best(group, HEAD_ONLY)
         ft, ft_accs = _family_best(group, FINETUNE)
@@ -153,7 +157,13 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any], missing: 
             f"| {r['dataset']} | {r['per_class']} | {k} | `{r['best_head_only']}` | {head} "
             f"| `{r['best_finetune']}` | {ft} | {gain} | {', '.join(r['advised']) or '-'} |"
         )
-    lines += ["", "Every case (test accuracy %, mean over seeds; wall time s per run, mean):", ""]
+    lines += [
+        "",
+        "Every case (test accuracy %, mean over seeds; in brackets the wall time per run, s, mean: "
+        "the 2 cores were shared with other work, so times vary by up to several-fold between "
+        "like runs):",
+        "",
+    ]
     lines.append("| data set | N/class | " + " | ".join(f"`{c}`" for c in CASES) + " |")
     lines.append("|---|---|" + "---|" * len(CASES))
     for r in rows:
