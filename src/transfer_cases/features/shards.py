@@ -243,7 +243,8 @@ class FileRows:
         return out
 
     def __del__(self) -> None:
-        os.close(self._fd)
+        if hasattr(self, "_fd"):
+            os.close(self._fd)
 
 
 def _fits(path: Path) -> tuple[int, tuple[int, ...], np.dtype] | None:
