@@ -68,7 +68,7 @@ def test_a_sweep_of_head_settings_extracts_the_features_once(tmp_path: Path, ima
     assert run.returncode == 0, run.stderr[-3000:]
     hits = [sorted(f["hit"] for f in s["feature_cache"]["files"].values()) for s in summaries(sweep).values()]
     assert hits == [[False, False], [True, True], [True, True]]
-    assert len(list((tmp_path / ".cache" / "features").glob("*.pt"))) == 2  # train and val
+    assert len(list((tmp_path / ".cache" / "features").glob("*/features.npy"))) == 2  # train and val
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path, image_folder: Path) -> None:

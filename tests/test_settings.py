@@ -101,7 +101,7 @@ def test_a_boolean_written_no_or_off_turns_the_cache_off(
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["feature_cache"] is None
-    assert not list((tmp_path / "cache").rglob("*.pt"))
+    assert not list((tmp_path / "cache").rglob("features.npy"))
 
 
 @pytest.mark.parametrize("value", ["abc", "1.5", "nope"])
