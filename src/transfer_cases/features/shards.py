@@ -82,9 +82,6 @@ class ShardedArrays:
     def record_path(self, shard: Shard) -> Path:
         return self.folder / f"{shard.name}.json"
 
-    def lock(self, shard: Shard) -> FileLock:
-        return FileLock(str(self.folder / f".{shard.name}.lock"))
-
     def record(self, shard: Shard) -> dict[str, Any] | None:
         """The shard's record, or None when it is missing or is not this key's."""
         try:
@@ -145,8 +142,10 @@ class ShardedArrays:
                     ]
                     fds = [(os.open(p, os.O_WRONLY), off) for p, off in places]
                 for (fd, offset), a, h in zip(fds, arrays, digests, strict=True):
-                    data = a.tobytes()
-                    os.pwrite(fd, data, offset + row * (a.nbytes // len(a)))
+                    data = memoryview(a).cast("B")
+                    at, done = offset + row * (a.nbytes // len(a)), 0
+                    while done < len(data):  # a write may take less than it was given
+                        done += os.pwrite(fd, data[done:], at + done)
                     h.update(data)
                 row += len(arrays[0])
             for fd, _ in fds or []:

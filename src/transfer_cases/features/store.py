@@ -120,10 +120,12 @@ class FeatureStore:
         )
 
     def _folder(self, key: str) -> Path:
-        try:
-            (self.root / key[:32]).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise self._not_writable("create", e) from None
+        """The key's folder, made; a root that cannot be made, or written in, is one clear error."""
+        for folder, verb in ((self.root, "create"), (self.root / key[:32], "write to")):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._not_writable(verb, e) from None
         return self.root / key[:32]
 
     def get_or_build_rows(
