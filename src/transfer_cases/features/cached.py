@@ -8,6 +8,9 @@ numerics of the extraction pass, which name its engine (`onnxruntime_fp32`, or t
 
 A body that onnxruntime cannot run (it does not export, an operator is missing, its output differs)
 is extracted by torch in the pass's fallback numerics, under their own key, with one warning.
+
+Under DDP every rank calls this at the same point (the data module's setup): each extracts its shards
+of the split and all read the whole set (`FeatureStore.get_or_build_rows`).
 """
 
 from __future__ import annotations
@@ -61,13 +64,14 @@ def cached_features(
     seed: int = 0,
     label: str = "features",
     stamp: str = "mtime",
-) -> tuple[FeatureSet, bool, Path]:
+) -> tuple[FeatureSet, bool, Path | None]:
     """`(features, hit, path)` of `dataset` (an image dataset with `fingerprint()` and `transform`).
 
     `view` None means the dataset's images as its transform gives them once; an integer is augmented
-    view number `view`, whose random crops come from their own stream seeded by (`seed`, `view`), so a
-    view is the same file run after run. `stamp` is how the data's files are identified
-    (`data.sources.STAMPS`): "content" hashes every byte, "mtime" trusts size and modification time.
+    view number `view`, each image's random crop seeded by (`seed`, `view`, its index), so a view is
+    the same file run after run, whichever rank extracts which image. `stamp` is how the data's files
+    are identified (`data.sources.STAMPS`): "content" hashes every byte, "mtime" trusts size and
+    modification time.
     """
     with stamping(stamp):
         data = dataset.fingerprint()
