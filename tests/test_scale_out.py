@@ -152,9 +152,7 @@ def test_a_failing_rank_stops_the_others_at_once_naming_it(tmp_path: Path) -> No
     broken = _Broken(data.val_dataset, bad=3)  # row 3: rank 1's second shard
     results = run_ranks(tmp_path, [lambda: extract_views(body, broken, tmp_path / "c")] * 2)
     assert results[1]["error"] == "DataError: image 3 is truncated"
-    assert results[0]["error"].startswith(
-        "PeerFailed: rank 1 failed extracting its share of features: DataError"
-    )
+    assert results[0]["error"].startswith("PeerFailed: rank 1 failed (extracting features): DataError")
     assert results[0]["after_s"] < 30
     # Rank 0's shards were recorded; a re-run (one process) extracts only rank 1's.
     folder = next(p for p in (tmp_path / "c").iterdir() if p.is_dir())
@@ -168,7 +166,9 @@ def test_a_hung_rank_is_named_when_the_deadline_passes(
     monkeypatch.setattr(store, "SYNC_GRACE_S", 2.0)
     hung = _Broken(data.val_dataset, bad=3, hang=True)
     results = run_ranks(tmp_path, [lambda: extract_views(body, hung, tmp_path / "c")] * 2, first=True)
-    assert results[0]["error"].startswith("PeerFailed: rank 0: another rank did not finish extracting")
+    assert results[0]["error"].startswith(
+        "PeerFailed: rank 0: another rank did not finish its part (extracting features)"
+    )
     assert results[0]["after_s"] < 30
 
 

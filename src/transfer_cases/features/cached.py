@@ -62,7 +62,7 @@ def cached_features(
     num_workers: int = 0,
     view: int | None = None,
     seed: int = 0,
-    label: str = "features",
+    label: str = "extracting features",
     stamp: str = "mtime",
 ) -> tuple[FeatureSet, bool, Path | None]:
     """`(features, hit, path)` of `dataset` (an image dataset with `fingerprint()` and `transform`).

@@ -66,11 +66,11 @@ def meet(
         dist.all_gather_object(statuses, status, group=group)
     except RuntimeError as e:
         raise PeerFailed(
-            f"rank {rank}: another rank did not finish {what} within {timeout_s:.0f} s of this one, or "
-            f"exited ({str(e).splitlines()[0]}); its own log says why"
+            f"rank {rank}: another rank did not finish its part ({what}) within {timeout_s:.0f} s of this "
+            f"one, or exited ({str(e).splitlines()[0]}); its own log says why"
         ) from None
     for r, s in enumerate(statuses):
         if r != rank and s.get("error") and not status.get("error"):
             kind = next((k for k in passed_on if k.__name__ == s.get("error_type")), None)
-            raise (kind or PeerFailed)(f"rank {r} failed {what}: {s['error']}")
+            raise (kind or PeerFailed)(f"rank {r} failed ({what}): {s['error']}")
     return statuses

@@ -158,7 +158,9 @@ class FeatureStore:
                     )
                     arrays.discard(shard)
                 met = meet(
-                    {"bad": len(bad), "built": built}, timeout_s=SYNC_GRACE_S, what=f"checking {label}"
+                    {"bad": len(bad), "built": built},
+                    timeout_s=SYNC_GRACE_S,
+                    what=f"{label}: checking digests",
                 )
                 if not any(m["bad"] for m in met):
                     break
@@ -200,7 +202,7 @@ class FeatureStore:
         finally:
             passed_on = (BackendUnavailable, OutputError)
             timeout = SYNC_GRACE_S + time.monotonic() - start
-            meet(status, timeout_s=timeout, what=f"extracting its share of {label}", passed_on=passed_on)
+            meet(status, timeout_s=timeout, what=label, passed_on=passed_on)
         if size > 1 and any(arrays.record(s) is None for s in shards):
             log.warning(
                 "%s: other ranks' shards are not in %s here (a folder the nodes do not share?); "
