@@ -400,3 +400,18 @@ def test_two_gpus_each_extract_their_share_from_pinned_memory(tmp_path: Path) ->
         assert {r["rank"] for r in records} == {0, 1}
         one_gpu = np.load(tmp_path / "one" / "features" / folder.name / "features.npy")
         np.testing.assert_allclose(np.load(folder / "features.npy"), one_gpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_under_ddp_a_rank_that_cannot_read_its_images_stops_the_run_with_one_line_each(
+    tmp_path: Path,
+) -> None:
+    images = write_image_folder(tmp_path / "images")
+    victim = images / "train" / "b" / "0.png"  # row 6: the 4th shard of 2 rows, rank 1's
+    victim.write_bytes(victim.read_bytes()[:100])
+    ddp = [*job("small_similar", images), "trainer=ddp_cpu", "trainer.max_epochs=1"]
+    proc = launch(tmp_path, "transfer-train", ddp, {})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert "error: rank 1 failed (extracting train features): DataError: cannot read image" in out
+    assert "Traceback" not in out
