@@ -34,7 +34,7 @@ from transfer_cases.features import (
     store,
 )
 from transfer_cases.features.shards import Shard, ShardedArrays
-from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.config import instantiate_clean, register_resolvers
 from transfer_cases.utils.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,9 +351,11 @@ def test_two_nodes_head_only_build_the_cache_once_and_train_as_one_process(
     runs = [p for p in (tmp_path / "outputs" / "train" / "runs").iterdir()]
     assert len(runs) == 1 and summary(runs[0])["status"] == "ok"  # one run folder
     assert list(runs[0].rglob("metrics.csv")) == [runs[0] / "csv" / "metrics.csv"]
-    assert (
-        sorted(p.name for p in (runs[0] / "checkpoints").iterdir()) == ["epoch00.ckpt", "last.ckpt"] or True
-    )
+    names = sorted(p.name for p in (runs[0] / "checkpoints").iterdir())
+    assert len(names) == 2 and names[-1] == "last.ckpt", names  # the best epoch and last, once
+    # Hydra's outputs are rank 0's alone: rank 1 ran Hydra too, but wrote neither .hydra/ nor log lines.
+    assert sorted(p.name for p in runs[0].glob("*.log")) == ["train.log"]
+    assert "rank 1 of 2 extracted" not in (runs[0] / "train.log").read_text()
     output = "\n".join(outs)
     for rank in (0, 1):  # each node extracted its share of every split
         for split in ("train", "val"):
@@ -415,3 +417,23 @@ def test_under_ddp_a_rank_that_cannot_read_its_images_stops_the_run_with_one_lin
     assert proc.returncode == 2, out[-3000:]
     assert "error: rank 1 failed (extracting train features): DataError: cannot read image" in out
     assert "Traceback" not in out
+
+
+def test_only_global_rank_zero_writes_hydras_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun or srun every rank runs Hydra before Lightning: `.hydra/` and the log file are
+    named by `${on_rank_zero:...}`, so the other ranks write neither."""
+    from hydra import compose, initialize_config_dir
+    from lightning.pytorch.utilities import rank_zero_only
+    from omegaconf import open_dict
+
+    from transfer_cases import config_dir
+
+    register_resolvers()
+    for rank, subdir, log in ((0, ".hydra", str(tmp_path / "train.log")), (1, None, "/dev/null")):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = compose("train", return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir, cfg.hydra.job.name = str(tmp_path), "train"
+        assert cfg.hydra.output_subdir == subdir
+        assert cfg.hydra.job_logging.handlers.file.filename == log

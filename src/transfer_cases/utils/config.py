@@ -14,9 +14,25 @@ from transfer_cases.utils.paths import asset_path
 
 
 def register_resolvers() -> None:
-    """`${asset:NAME}` is the path of an embedded asset, wherever the package is installed."""
+    """`${asset:NAME}` is the path of an embedded asset, wherever the package is installed;
+    `${on_rank_zero:VALUE,OTHERWISE}` is VALUE in the global rank 0 process, OTHERWISE (None when
+    omitted) in the other ranks of a torchrun or SLURM launch."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(asset_path(name)))
+    if not OmegaConf.has_resolver("on_rank_zero"):
+        OmegaConf.register_new_resolver("on_rank_zero", on_rank_zero)
+
+
+def on_rank_zero(value: Any, otherwise: Any = None) -> Any:
+    """`value` in the global rank 0 process (or a process outside any launch), else `otherwise`.
+
+    Under torchrun or srun every rank runs Hydra before Lightning starts: Hydra's own outputs (the
+    `.hydra/` config copies, the log file) name themselves with this so that only rank 0 writes them.
+    The rank is Lightning's, read from the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return value if (getattr(rank_zero_only, "rank", 0) or 0) == 0 else otherwise
 
 
 def to_dict(cfg: Any) -> Any:
