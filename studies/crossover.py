@@ -319,6 +319,29 @@ CUT = (
 )
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def newest_source(root: Path = ROOT) -> float:
+    """The newest modification time of the package's code and configs (and the study's own)."""
+    files = [
+        *root.glob("src/transfer_cases/**/*.py"),
+        *root.glob("configs/**/*.yaml"),
+        *root.glob("studies/*.py"),
+    ]
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def restart_if_changed(started: float) -> None:
+    """Children fork from this process's imports: code or configs changed since it started (work
+    goes on in the same tree) would meet stale code in every child, so start afresh; the records
+    make the new process resume where this one stopped."""
+    if newest_source() > started:
+        print("code or configs changed since the start: restarting the driver", flush=True)
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "studies.crossover", *sys.argv[1:]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from studies.crossover_advice import run_advice
     from studies.crossover_report import report
@@ -335,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stop-at", help="HH:MM (UTC): start no step after this time")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per step before it is killed")
     args = p.parse_args(argv)
+    started = time.time()
     steps = plan(args.datasets, args.only)
     if args.dry_run:
         for st in steps:
@@ -356,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if stop is not None and dt.datetime.now(dt.UTC) >= stop:
                 print(f"--stop-at {args.stop_at} reached: {len(todo) - i + 1} steps left", flush=True)
                 break
+            if argv is None:  # the command line, not a call from Python
+                restart_if_changed(started)
             if st.kind == ADVICE:
                 code, wall = run_forked(
                     lambda st=st: run_advice(st, args.out_dir), _log(args, st), args.timeout
