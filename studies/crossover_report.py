@@ -14,7 +14,7 @@ from studies.crossover_records import CASES, FINETUNE, GAIN_THRESHOLD, HEAD_ONLY
 
 
 def _family_best(cells: Sequence[dict[str, Any]], family: Sequence[str]) -> tuple[str | None, list[float]]:
-    """The family's best case by mean test accuracy over the seeds that ran it, and its accuracies.
+    """The family's best case by mean test accuracy over the seeds, and its accuracies.
 
     Chosen on the mean (one case for the whole (data set, N) row), not per seed: the per-seed
     best would add a max-of-noise bias to whichever family has more cases."""
@@ -25,7 +25,10 @@ def _family_best(cells: Sequence[dict[str, Any]], family: Sequence[str]) -> tupl
             means[case] = (sum(accs) / len(accs), accs)
     if not means:
         return None, []
-    best = max(means, key=lambda k: means[k][0])
+    # Only cases run on as many seeds as the family's most-run case: a mean over other seeds
+    # (a case still to run on seeds 1 and 2) is not comparable.
+    most = max(len(accs) for _, accs in means.values())
+    best = max((k for k in means if len(means[k][1]) == most), key=lambda k: means[k][0])
     return best, means[best][1]
 
 
@@ -142,7 +145,8 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any], missing: 
     lines += [
         "",
         "Test accuracy (%, mean ± std over seeds) of the best head-only case and of the best "
-        "fine-tuning case (each chosen on its mean over the seeds), and the gain (best fine-tuning - "
+        "fine-tuning case (each chosen on its mean over the seeds, among the cases run on as many seeds as "
+        "any of its family), and the gain (best fine-tuning - "
         "best head-only, points, mean ± std of the per-seed differences):",
         "",
         "| data set | N/class | seeds | best head-only | acc | best fine-tuning | acc | gain (pts) "

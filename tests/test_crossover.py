@@ -169,3 +169,13 @@ def test_report_writes_table_csv_json_and_plot(tmp_path: Path) -> None:
     assert all(c["advice_path"] for c in data["cells"])
     assert (results / "crossover.csv").read_text().count("\n") == 3
     assert (results / "crossover.png").stat().st_size > 1000
+
+
+def test_family_best_ignores_a_case_not_yet_run_on_every_seed(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _cell(tmp_path, "mnist", 50, seed, head=0.90, ft=0.60)
+    # LP-FT better, but only on seed 1 so far: not comparable with a two-seed mean.
+    train_path(tmp_path, "mnist", 50, 0, "large_different+lpft").unlink()
+    _train(tmp_path, "mnist", 50, 1, "large_different+lpft", 0.70)
+    (row,) = summarise(load_cells(tmp_path))
+    assert row["best_finetune"] == "large_different" and row["gain"][0] == pytest.approx(-0.30)
