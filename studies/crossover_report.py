@@ -199,23 +199,26 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for d in dict.fromkeys(r["dataset"] for r in rows):
-        pts = [
-            (r["per_class"], r["gain"][0] * 100, r["gain"][1] * 100)
-            for r in rows
-            if r["dataset"] == d and r["gain"]
-        ]
-        if pts:
-            xs, ys, es = zip(*pts, strict=True)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=d)
-    ax.axhline(GAIN_THRESHOLD * 100, color="k", linestyle="--", linewidth=1, label="+1 point")
-    ax.axhline(0, color="gray", linewidth=0.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images per class (N)")
-    ax.set_ylabel("fine-tuning gain (points of test accuracy)")
-    ax.set_title("Best fine-tuning - best head-only (error bars: std over seeds)", fontsize=10)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    for ax in axes:
+        for d in dict.fromkeys(r["dataset"] for r in rows):
+            pts = [
+                (r["per_class"], r["gain"][0] * 100, r["gain"][1] * 100)
+                for r in rows
+                if r["dataset"] == d and r["gain"]
+            ]
+            if pts:
+                xs, ys, es = zip(*pts, strict=True)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=d)
+        ax.axhline(GAIN_THRESHOLD * 100, color="k", linestyle="--", linewidth=1, label="+1 point")
+        ax.axhline(0, color="gray", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images per class (N)")
+    axes[0].set_ylabel("fine-tuning gain (points of test accuracy)")
+    axes[0].set_title("Best fine-tuning - best head-only (error bars: std over seeds)", fontsize=9)
+    axes[1].set_ylim(-12, 12)
+    axes[1].set_title("The same, gains within ±12 points", fontsize=9)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
