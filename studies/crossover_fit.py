@@ -90,6 +90,10 @@ def outcome(cell: dict[str, Any], advice: Advice) -> dict[str, Any]:
         "confidence": None if advice.gain is None else advice.gain.confidence,
     }
     row["hit"] = None if got is None else got >= acc[best] - HIT_MARGIN
+    # The family alone (head-only or fine-tuning): its best case within the margin of the best.
+    family = HEAD_ONLY if picked in HEAD_ONLY else FINETUNE
+    family_best = max((acc[c] for c in family if c in acc), default=None)
+    row["family_hit"] = None if family_best is None else family_best >= acc[best] - HIT_MARGIN
     row["regret"] = None if got is None else acc[best] - got
     return row
 
@@ -118,6 +122,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "hits": sum(r["hit"] for r in scored),
         "cells": len(scored),
         "unscored": len(rows) - len(scored),
+        "family_hits": sum(bool(r["family_hit"]) for r in rows),
         "misses": [r for r in scored if not r["hit"]],
     }
 
@@ -188,17 +193,25 @@ def markdown(result: dict[str, Any], left_out: int, partial: bool) -> str:
         f"Cells: {result['cells']} scored ({'with' if partial else 'without'} partial cells), "
         f"{left_out} left out (no advice or runs missing).",
         "",
-        "| held out | fitted on | n0 | beta | hits on the fit's data | held-out hits | unscored |",
-        "|---|---|---|---|---|---|---|",
+        "| held out | fitted on | n0 | beta | hits on the fit's data | held-out hits | right family "
+        "| unscored |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for d, r in loo.items():
         out.append(
             f"| {d} | {', '.join(r['fitted_on']) or '(nothing)'} | {r['break_even_per_class']:g} | "
             f"{r['finetune_exponent']:g} | {r['train_hits']}/{r['train_cells']} | "
-            f"**{r['hits']}/{r['cells']}** | {r['unscored']} |"
+            f"**{r['hits']}/{r['cells']}** | {r['family_hits']}/{r['cells']} | {r['unscored']} |"
         )
     total = sum(r["hits"] for r in loo.values()), sum(r["cells"] for r in loo.values())
-    out += [f"| all | | | | | **{total[0]}/{total[1]}** | |", ""]
+    family = sum(r["family_hits"] for r in loo.values())
+    out += [
+        f"| all | | | | | **{total[0]}/{total[1]}** | {family}/{total[1]} | |",
+        "",
+        "*right family*: the best case of the picked family (head-only or fine-tuning) is within the "
+        "margin of the best, whichever case of it the advisor named (its cut is the best-stage rule's).",
+        "",
+    ]
     header = "| data set | N/class | seed | pick | best | predicted gain | measured gain | all cases |"
     rule = "|---|---|---|---|---|---|---|---|"
     misses = [m for r in loo.values() for m in r["misses"]]

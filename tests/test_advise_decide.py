@@ -190,9 +190,9 @@ def test_labels_separable_at_the_last_stage_keep_the_body() -> None:
 
 
 def test_many_samples_and_a_saturated_probe_train_the_head_alone() -> None:
-    # Well-separated classes: the probe is perfect from a quarter of the samples on. 150 per class
+    # Well-separated classes: the probe is perfect from a quarter of the samples on. 300 per class
     # is large by count, but no error is left for fine-tuning to remove: the cheaper head-only case.
-    similar = advise_on(150, informative=[4])
+    similar = advise_on(300, informative=[4])
     assert similar.stages[3].curve_acc == (1.0, 1.0, 1.0)
     assert (similar.size, similar.case, similar.freeze, similar.keep) == (
         "large",
@@ -202,18 +202,18 @@ def test_many_samples_and_a_saturated_probe_train_the_head_alone() -> None:
     )
     assert "-> fine-tuning would not gain enough -> head-only" in similar.reasoning[-2]
     assert similar.gain is not None and similar.gain.gain < 0.01 and similar.gain.confidence == "clear"
-    different = advise_on(150, informative=[2])
+    different = advise_on(300, informative=[2])
     assert (different.case, different.keep, different.freeze) == ("small_different", 2, "all")
 
 
 def test_many_samples_and_features_far_from_solving_the_task_fine_tune() -> None:
     # Half-separated classes: the probe stays near 0.7 however many samples it gets, far from what
-    # adapted features could reach: with 150 per class (above the break-even 100), fine-tuning.
-    similar = advise_on(150, informative=[4], strength=1.5)
+    # adapted features could reach: with 300 per class (twice the break-even count), fine-tuning.
+    similar = advise_on(300, informative=[4], strength=1.5)
     assert similar.stages[3].probe_pretrained < 0.85
     assert (similar.size, similar.case, similar.freeze) == ("large", "large_similar", "none")
     assert "-> fine-tuning should gain -> fine-tune" in similar.reasoning[-2]
-    assert advise_on(150, informative=[2], strength=1.5).case == "large_different"
+    assert advise_on(300, informative=[2], strength=1.5).case == "large_different"
 
 
 def curve_rows(curve: Iterable[float], std: float = 0.01) -> list[StageScores]:

@@ -114,8 +114,12 @@ def predict_gain(stage: StageScores, per_class: float, num_classes: int, rules: 
     scale = (per_class / trained[-1]) ** -exponent if per_class > trained[-1] else 1.0
     head_error = errors[-1] * scale
     share = 1 - (rules.break_even_per_class / per_class) ** rules.finetune_exponent
-    gain = head_error * share
     gain_se = abs(share) * scale * stds[-1] / math.sqrt(folds)
+    # A loss is shown no larger than fine-tuning falling to chance (a display bound: a negative
+    # gain is head-only whatever its size); the band shrinks with it.
+    worst = -max(1 - head_error - 1 / num_classes, 0.0)
+    gain = max(head_error * share, worst)
+    gain_se *= gain / (head_error * share) if share < 0 and head_error > 0 else 1.0
     low, high = gain - rules.gain_sems * gain_se, gain + rules.gain_sems * gain_se
     clear = low >= rules.min_gain or high < rules.min_gain
     return GainPrediction(
