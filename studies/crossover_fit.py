@@ -227,7 +227,11 @@ def markdown(result: dict[str, Any], left_out: int, partial: bool) -> str:
         "|---|" + "---|" * len(result["datasets"]),
     ]
     for name, per in result["compare"].items():
-        out.append(f"| {name} | " + " | ".join(f"{s['hits']}/{s['cells']}" for s in per.values()) + " |")
+        cells = (
+            f"{s['hits']}/{s['cells']}" + (f" ({s['unscored']} unscored)" if s["unscored"] else "")
+            for s in per.values()
+        )
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     shipped = [m for s in next(iter(result["compare"].values())).values() for m in s["misses"]]
     out += ["", "Misses of the final fit (in sample):", ""]
     out += [header, rule, *miss_lines(shipped), ""] if shipped else ["None.", ""]
