@@ -78,6 +78,7 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "gain": mean_std(gains) if gains else None,
                 "gain_seeds": len(gains),
                 "cases": cases,
+                "gain_seed0_all_cases": next((c["gain"] for c in group if c["seed"] == 0), None),
                 "advised": sorted({c["advice"]["case"] for c in group if c.get("advice")}),
                 "advisor_cost_ratio": sum(ratios) / len(ratios) if ratios else None,
                 "failed": sorted({f for c in group for f in c["failed"]}),
@@ -147,19 +148,22 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any], missing: 
         "Test accuracy (%, mean ± std over seeds) of the best head-only case and of the best "
         "fine-tuning case (each chosen on its mean over the seeds, among the cases run on as many seeds as "
         "any of its family), and the gain (best fine-tuning - "
-        "best head-only, points, mean ± std of the per-seed differences):",
+        "best head-only, points, mean ± std of the per-seed differences). Last but one column: the gain "
+        "on seed 0 alone with every case that ran on it (cases run on seed 0 only are left out of the "
+        "three-seed comparison):",
         "",
         "| data set | N/class | seeds | best head-only | acc | best fine-tuning | acc | gain (pts) "
-        "| advisor picked |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| gain, seed 0, all cases | advisor picked |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         k = len(r["seeds"])
         head, ft = _pm(r["head_only"], k, 100), _pm(r["finetune"], k, 100)
         gain = _pm(r["gain"], r["gain_seeds"], 100, True)
+        g0 = "-" if r["gain_seed0_all_cases"] is None else f"{r['gain_seed0_all_cases'] * 100:+.1f}"
         lines.append(
             f"| {r['dataset']} | {r['per_class']} | {k} | `{r['best_head_only']}` | {head} "
-            f"| `{r['best_finetune']}` | {ft} | {gain} | {', '.join(r['advised']) or '-'} |"
+            f"| `{r['best_finetune']}` | {ft} | {gain} | {g0} | {', '.join(r['advised']) or '-'} |"
         )
     lines += [
         "",
