@@ -39,13 +39,12 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 
 from transfer_cases import build, config_dir
-from transfer_cases.commands.cli import instantiate_list
 from transfer_cases.commands.train import train
 from transfer_cases.features import EXTRACTIONS, Extraction, choose_backend, extract, resolve_extraction
 from transfer_cases.features.batch import FeatureBatch
 from transfer_cases.features.onnx_body import export_body, missing_runtime
 from transfer_cases.training.recipe import phase_data
-from transfer_cases.utils.config import instantiate_clean
+from transfer_cases.utils.config import instantiate_clean, instantiate_list
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
