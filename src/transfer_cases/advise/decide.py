@@ -118,16 +118,21 @@ class Advice:
 class Rules:
     """Every threshold of the decision (see the module doc), each with its default and source."""
 
+    # Size: only the scratch-or-pretrained choice for unrelated features reads it now.
     small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS
     threshold_source: str = DEFAULT_THRESHOLD_SOURCE
+    # The best stage: the one-standard-error rule.
     tie_margin: float = DEFAULT_TIE_MARGIN
     tie_sems: float = DEFAULT_TIE_SEMS
+    # Similarity: the pretrained body against the random control.
     related_margin: float = DEFAULT_RELATED_MARGIN
     related_sems: float = DEFAULT_RELATED_SEMS
     solved_margin: float = DEFAULT_SOLVED_MARGIN
+    # Whether fine-tuning pays: the predicted gain (advise/gain.py) and when it counts.
     min_gain: float = DEFAULT_MIN_GAIN
     gain_sems: float = DEFAULT_GAIN_SEMS
     curve_exponent_max: float = DEFAULT_CURVE_EXPONENT_MAX
+    # Fitted on the crossover study (studies/crossover_fit.py), with their source.
     break_even_per_class: float = DEFAULT_BREAK_EVEN_PER_CLASS
     finetune_exponent: float = DEFAULT_FINETUNE_EXPONENT
     finetune_source: str = DEFAULT_FINETUNE_SOURCE
