@@ -50,6 +50,9 @@ TB = r"\d+\.\d TiB"
 # --- bad inputs through transfer-train: one line, exit 2, before any work ---------------------------
 
 BAD = {
+    # Thresholds of the advisor's Rules that the config file does not list (added with +).
+    "+advisor.tie_margin=nan": r"^error: advisor\.tie_margin=nan must be a number >= 0 and <= 1",
+    "+advisor.related_sems=true": r"^error: advisor\.related_sems=True must be a number >= 0",
     "+trainer.max_epoch=3": r"^error: unknown setting trainer\.max_epoch; did you mean "
     r"trainer\.max_epochs\?$",
     "+data.batchsize=4": r"^error: unknown setting data\.batchsize; did you mean data\.batch_size\?$",

@@ -152,6 +152,10 @@ ADVISOR_SETTINGS: dict[str, Rule] = {
         1, example=100, why="median train images per class below which data is small"
     ),
     "tie_sems": number(0, example=1, why="standard errors of the probe's peak within which stages tie"),
+    "tie_margin": number(0, top=1, example=0.01, why="accuracy within which stages tie, at least"),
+    "related_margin": number(0, top=1, example=0.01, why="accuracy by which pretrained must beat random"),
+    "related_sems": number(0, example=1, why="standard errors by which pretrained must beat random"),
+    "solved_margin": number(0, top=1, example=0.02, why="error below which features solve the task"),
     "min_gain": number(0, example=0.01, why="predicted fine-tuning gain (accuracy) that pays"),
     "gain_sems": number(0, example=1, why="standard errors by which the gain must clear min_gain"),
     "curve_exponent_max": number(0, example=1, why="cap on the learning curve's power-law exponent"),
