@@ -43,28 +43,6 @@ from transfer_cases.advise.gain import GainPrediction, gain_reason, predict_gain
 from transfer_cases.advise.scores import StageScores
 from transfer_cases.utils.errors import DataError
 
-DEFAULT_SMALL_MAX_PER_CLASS = 100
-DEFAULT_THRESHOLD_SOURCE = "rule-of-thumb default, not measured"
-DEFAULT_TIE_MARGIN = 0.01
-DEFAULT_TIE_SEMS = 1.0
-DEFAULT_RELATED_MARGIN = 0.01
-DEFAULT_RELATED_SEMS = 1.0
-DEFAULT_SOLVED_MARGIN = 0.02
-# The predicted fine-tuning gain (advise/gain.py; the family and its fit: docs/advisor.md). Fixed:
-# the gain that counts is the issue's one point; one standard error is the tie rule's yardstick;
-# the steepest learning-curve exponent Hestness et al. 2017 report for image classification
-# (ImageNet top-5 error) caps the extrapolation's. Fitted: the break-even images per
-# class n0 and the exponent beta.
-DEFAULT_MIN_GAIN = 0.01
-DEFAULT_GAIN_SEMS = 1.0
-DEFAULT_CURVE_EXPONENT_MAX = 0.5
-DEFAULT_BREAK_EVEN_PER_CLASS = 150
-DEFAULT_FINETUNE_EXPONENT = 2.0
-DEFAULT_FINETUNE_SOURCE = (
-    "fitted by studies/crossover_fit.py on the crossover study (CIFAR-10, MNIST, ants"
-    "/bees; partial, N <= 500, 47 cells); leave-one-data-set-out hits in notebooks/results/crossover_fit.md"
-)
-
 
 @dataclass(frozen=True)
 class Advice:
@@ -119,23 +97,30 @@ class Rules:
     """Every threshold of the decision (see the module doc), each with its default and source."""
 
     # Size: only the scratch-or-pretrained choice for unrelated features reads it now.
-    small_max_per_class: float = DEFAULT_SMALL_MAX_PER_CLASS
-    threshold_source: str = DEFAULT_THRESHOLD_SOURCE
+    small_max_per_class: float = 100
+    threshold_source: str = "rule-of-thumb default, not measured"
     # The best stage: the one-standard-error rule.
-    tie_margin: float = DEFAULT_TIE_MARGIN
-    tie_sems: float = DEFAULT_TIE_SEMS
+    tie_margin: float = 0.01
+    tie_sems: float = 1.0
     # Similarity: the pretrained body against the random control.
-    related_margin: float = DEFAULT_RELATED_MARGIN
-    related_sems: float = DEFAULT_RELATED_SEMS
-    solved_margin: float = DEFAULT_SOLVED_MARGIN
-    # Whether fine-tuning pays: the predicted gain (advise/gain.py) and when it counts.
-    min_gain: float = DEFAULT_MIN_GAIN
-    gain_sems: float = DEFAULT_GAIN_SEMS
-    curve_exponent_max: float = DEFAULT_CURVE_EXPONENT_MAX
-    # Fitted on the crossover study (studies/crossover_fit.py), with their source.
-    break_even_per_class: float = DEFAULT_BREAK_EVEN_PER_CLASS
-    finetune_exponent: float = DEFAULT_FINETUNE_EXPONENT
-    finetune_source: str = DEFAULT_FINETUNE_SOURCE
+    related_margin: float = 0.01
+    related_sems: float = 1.0
+    solved_margin: float = 0.02
+    # Whether fine-tuning pays: the predicted gain (advise/gain.py; the family and its fit:
+    # docs/advisor.md). Fixed: the gain that counts is the issue's one point; one standard error
+    # is the tie rule's yardstick; the extrapolation's exponent is capped at the steepest
+    # learning-curve exponent Hestness et al. 2017 report for image classification.
+    min_gain: float = 0.01
+    gain_sems: float = 1.0
+    curve_exponent_max: float = 0.5
+    # Fitted: the break-even images per class n0 and the exponent beta, with their source.
+    break_even_per_class: float = 150
+    finetune_exponent: float = 2.0
+    finetune_source: str = (
+        "fitted by studies/crossover_fit.py on the crossover study (CIFAR-10, MNIST, ants/bees;"
+        " partial, N <= 500, 47 cells); leave-one-data-set-out hits in"
+        " notebooks/results/crossover_fit.md"
+    )
 
     @property
     def rules(self) -> Rules:
