@@ -355,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the steps, done or to do; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from the records")
     p.add_argument("--advice-only", action="store_true", help="recompute the advice of every cell with one")
+    p.add_argument(
+        "--advice-cold", action="store_true", help="as --advice-only, in a fresh cache: new timings and cost"
+    )
     p.add_argument("--stop-at", help="HH:MM (UTC): start no step after this time")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per step before it is killed")
     args = p.parse_args(argv)
@@ -365,11 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "done" if st.record(args.out_dir).is_file() else "todo"
             print(f"[{state}] {st.name}: {' '.join(st.overrides())}")
         return 0
-    if args.advice_only:
+    if args.advice_only or args.advice_cold:
         cells = [st for st in steps if st.kind == ADVICE and st.record(args.out_dir).is_file()]
         for i, st in enumerate(cells, 1):
             code, wall = run_forked(
-                lambda st=st: run_advice(st, args.out_dir, refresh=True), _log(args, st), args.timeout
+                lambda st=st: run_advice(st, args.out_dir, refresh=True, cold=args.advice_cold),
+                _log(args, st),
+                args.timeout,
             )
             print(f"[{i}/{len(cells)}] {st.name}: {wall:.0f} s {'ok' if code == 0 else 'FAILED'}", flush=True)
     elif not args.report_only:

@@ -5,10 +5,14 @@ the advisor's timings, and one plain forward pass of the pretrained body over th
 subset (torch, fp32, eval mode, batches of the data config, image loading included), so its cost
 can be stated as a ratio. `refresh=True` (`--advice-only`) recomputes the advice from the warm
 feature cache and keeps the first run's timings and forward pass (a warm rerun is not the cost).
+`cold=True` (`--advice-cold`) recomputes it in a fresh, temporary feature cache and records the new
+timings and forward pass: the cost of the advisor as it is now; the earlier pick stays in the record
+(`previous_case`, `previous_keep`) so a changed pick shows.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,16 +59,19 @@ def forward_pass(cfg: DictConfig) -> dict[str, float]:
     return {"images": len(subset), "seconds": round(time.perf_counter() - start, 3)}
 
 
-def run_advice(step: Any, out_dir: Path, refresh: bool = False) -> None:
+def run_advice(step: Any, out_dir: Path, refresh: bool = False, cold: bool = False) -> None:
     """Compute and write one cell's advice record (atomically)."""
     from transfer_cases.advise import advise_from_config
 
     path = step.record(out_dir)
-    old = read_json(path) if refresh else None
+    old = read_json(path) if (refresh or cold) and path.is_file() else None
     run_dir = out_dir / "runs" / step.dataset / f"n{step.per_class}" / f"seed{step.seed}" / "advice"
-    cfg = compose_train(step.overrides(), run_dir)
-    torch.manual_seed(step.seed)
-    advice, timings = advise_from_config(cfg, device=torch.device("cpu"))
+    with tempfile.TemporaryDirectory(prefix="advice-cold-") as tmp:
+        overrides = [*step.overrides(), *([f"paths.cache_dir={tmp}"] if cold else [])]
+        cfg = compose_train(overrides, run_dir)
+        torch.manual_seed(step.seed)
+        advice, timings = advise_from_config(cfg, device=torch.device("cpu"))
+        fresh = forward_pass(cfg) if cold or not (old and old.get("timings")) else None
     record: dict[str, Any] = {
         "dataset": step.dataset,
         "per_class": step.per_class,
@@ -72,10 +79,11 @@ def run_advice(step: Any, out_dir: Path, refresh: bool = False) -> None:
         "advice": advice.to_dict(),
         "timings": timings,
         "overrides": step.overrides(),
+        "forward_pass": fresh,
     }
-    if old and old.get("timings"):
+    if old and cold:
+        record["previous_case"], record["previous_keep"] = old["advice"]["case"], old["advice"]["keep"]
+    elif old and old.get("timings"):
         record["timings"], record["refresh_timings"] = old["timings"], timings
         record["forward_pass"] = old.get("forward_pass")
-    else:
-        record["forward_pass"] = forward_pass(cfg)
     write_json(path, record)

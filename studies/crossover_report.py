@@ -187,8 +187,19 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any], missing: 
         lines += [
             "",
             f"Advisor cost ÷ one plain forward pass over its subset (cold cache, per cell): "
-            f"{min(ratios):.2f}-{max(ratios):.2f} (mean {sum(ratios) / len(ratios):.2f}).",
+            f"{min(ratios):.2f}-{max(ratios):.2f} (mean {sum(ratios) / len(ratios):.2f}); by cell "
+            "(the subset holds min(N, 100) images per class):",
+            "",
+            "| data set | advisor cost ÷ one pass, by N per class (mean over seeds) |",
+            "|---|---|",
         ]
+        for d in dict.fromkeys(r["dataset"] for r in rows):
+            cells = [r for r in rows if r["dataset"] == d and r["advisor_cost_ratio"] is not None]
+            lines.append(
+                f"| {d} | "
+                + " · ".join(f"{r['per_class']}: {r['advisor_cost_ratio']:.2f}" for r in cells)
+                + " |"
+            )
     failed = [f"{r['dataset']} N={r['per_class']}: {', '.join(r['failed'])}" for r in rows if r["failed"]]
     lines += ["", "Failed runs: " + ("; ".join(failed) if failed else "none") + "."]
     lines += ["", settings["cut"], ""]

@@ -4,14 +4,20 @@ images, so that its features (and the "unrelated" verdict that rests on them) me
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from transfer_cases.advise import control
 from transfer_cases.advise.advisor import advise_from_config
 from transfer_cases.advise.control import estimate_batchnorm_statistics
+from transfer_cases.advise.decoded import DecodedOnce, decoded_once
+from transfer_cases.features.cached import cached_features
+from transfer_cases.features.extract import EXTRACTIONS
+from transfer_cases.features.store import FeatureStore
 
 
 def conv_bn() -> nn.Sequential:
@@ -76,3 +82,74 @@ def test_the_control_of_the_embedded_mobilenet_has_features_at_its_last_stage(
     again, timings = advise_from_config(cfg)  # the statistics and the control's features are cached
     assert timings["control_batchnorm_cache_hit"] == 1.0 and timings["extract_random_cache_hit"] == 1.0
     assert again.stages == advice.stages
+
+
+def test_the_control_is_calibrated_on_evenly_spaced_images_of_every_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "CALIBRATION_IMAGES", 4)
+    labels = [0] * 6 + [1] * 6  # listed class by class, as an image folder lists them
+    data = Listed(labels)
+    seen, hit = control.calibrated_control(
+        conv_bn(), data, FeatureStore(tmp_path), device=torch.device("cpu"), numerics=EXTRACTIONS["fp32"]
+    )
+    assert (seen, hit) == (4, False)
+    assert data.read == [0, 4, 7, 11]  # spread over the list: both classes, not the first four
+    # Fewer images than the bound: all of them.
+    monkeypatch.setattr(control, "CALIBRATION_IMAGES", 100)
+    data = Listed(labels)
+    assert control.calibrated_control(
+        conv_bn(),
+        data,
+        FeatureStore(tmp_path / "all"),
+        device=torch.device("cpu"),
+        numerics=EXTRACTIONS["fp32"],
+    ) == (12, False)
+    assert data.read == list(range(12))
+
+
+def test_the_advisors_images_are_decoded_once_for_its_passes_and_never_on_a_warm_cache(
+    tmp_path: Path,
+) -> None:
+    data = Listed([0, 1] * 5)
+    once = DecodedOnce(data, num_workers=0)
+    assert (once.fingerprint(), once.transform, len(once)) == (data.fingerprint(), data.transform, 10)
+    store = FeatureStore(tmp_path)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).eval()
+    numerics = EXTRACTIONS["fp32"]
+    streamed, hit, _ = cached_features(store, body, data, device=torch.device("cpu"), numerics=numerics)
+    assert not hit and data.read == list(range(10))
+    # A warm cache: the same key, and nothing decoded.
+    data.read.clear()
+    cached, hit, _ = cached_features(store, body, once, device=torch.device("cpu"), numerics=numerics)
+    assert hit and data.read == [] and torch.equal(cached.features, streamed.features)
+    # Cold: each image read once however many passes read the decoded set.
+    cold, hit, _ = cached_features(
+        FeatureStore(tmp_path / "cold"), body, once, device=torch.device("cpu"), numerics=numerics
+    )
+    assert once[3][0].shape == (3, 6, 6) and data.read == list(range(10))
+    assert not hit and torch.equal(cold.features, streamed.features)
+    # Too large for memory: the dataset itself, streamed by the loader's workers.
+    assert decoded_once(data, crop_size=100_000, num_workers=2) == (data, 2)
+    assert isinstance(decoded_once(data, crop_size=6, num_workers=2)[0], DecodedOnce)
+
+
+class Listed(torch.utils.data.Dataset):
+    """Seeded random 3x6x6 images with `labels`, recording which items were read."""
+
+    transform = "eval transform"
+
+    def __init__(self, labels: list[int]) -> None:
+        self.labels = labels
+        self.images = torch.randn(len(labels), 3, 6, 6, generator=torch.Generator().manual_seed(0))
+        self.read: list[int] = []
+
+    def fingerprint(self) -> str:
+        return f"listed {self.labels}"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.read.append(int(i))
+        return self.images[i], self.labels[i]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from transfer_cases.advise import StageScores, decide, score_stages
+from transfer_cases.advise.decide import best_stage
 from transfer_cases.advise.scores import nested_subsets, stratified_subset
 from transfer_cases.utils.errors import DataError
 
@@ -287,6 +288,34 @@ def test_score_stages_fills_every_row() -> None:
     assert [s.curve_per_class for s in scores] == [(3, 5, 10)] * 2
     assert scores[0].curve_acc[-1] == scores[0].probe_pretrained  # the last point is the probe itself
     assert scores[0].curve_std[-1] == scores[0].probe_pretrained_std
+
+
+def test_the_curve_can_be_fitted_at_the_best_stage_alone_with_the_same_points() -> None:
+    labels = np.repeat(np.arange(3), 12)
+    pretrained = stage_features(labels, [1, 3], depth=3, width=8)
+    random = [np.zeros_like(f) for f in pretrained]
+    every = score_stages(pretrained, random, labels)
+    asked = []
+
+    def at_best(rows: list) -> int:
+        asked.append([r.curve_acc for r in rows])  # the probes are done, no curve yet
+        return best_stage(rows)[3].stage
+
+    best = score_stages(pretrained, random, labels, curve_at=at_best)
+    assert asked == [[(), (), ()]]
+    chosen = best_stage(every)[3].stage
+    for full, lean in zip(every, best, strict=True):
+        assert replace(full, curve_per_class=(), curve_acc=(), curve_std=()) == replace(
+            lean, curve_per_class=(), curve_acc=(), curve_std=()
+        )
+        assert lean.curve_acc == (full.curve_acc if full.stage == chosen else ())
+    lean, full = (decide({"a": 12, "b": 12, "c": 12}, rows) for rows in (best, every))
+    assert (lean.case, lean.keep, lean.gain, lean.reasoning) == (
+        full.case,
+        full.keep,
+        full.gain,
+        full.reasoning,
+    )
 
 
 def test_learning_curve_subsets_are_nested_and_stratified() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfer_cases.advise.probe import _torch_threads, fit_folds, linear_probe_accuracy, stratified_folds
+from transfer_cases.advise.probe import fit_folds, linear_probe_accuracy, stratified_folds, torch_threads
 from transfer_cases.utils.errors import DataError
 
 
@@ -44,7 +44,7 @@ def test_large_feature_offsets_do_not_change_the_result() -> None:
 
 def test_folds_are_fitted_like_separate_probes_on_train_standardised_features() -> None:
     """The batched fit equals k independent fits, each standardised with its training rows only."""
-    with _torch_threads(1):  # tiny matrices: extra threads only wait for each other
+    with torch_threads(1):  # tiny matrices: extra threads only wait for each other
         _check_batched_fit_against_separate_fits()
 
 

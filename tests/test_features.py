@@ -24,6 +24,7 @@ from transfer_cases.backbones.tiny import _TinyNet
 from transfer_cases.backbones.weights_file import save_weights_file
 from transfer_cases.data import ImageFolderDataModule
 from transfer_cases.features import CachedFeatureDataModule, FeatureCache, FeatureSet, FeatureStore
+from transfer_cases.features.cached import SeededItems
 from transfer_cases.training.checkpoint import load_module
 from transfer_cases.training.module import TransferModule
 from transfer_cases.utils.errors import ConfigError
@@ -350,3 +351,25 @@ def test_without_views_the_head_trains_on_the_un_augmented_images(setup: tuple[P
     torch.testing.assert_close(augmented.train_dataset.tensors[0], plain.train_dataset.tensors[0])
     _, one_view = cached(root, images, weights, train_views=1)  # a random crop: other features
     assert not torch.allclose(one_view.train_dataset.tensors[0][:, 0], plain.train_dataset.tensors[0])
+
+
+def test_each_items_crop_is_seeded_on_the_cpu_generator_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `torch.manual_seed` also queues a seed for every lazily initialised accelerator, recording a
+    # stack trace each time: per image, that cost more than the body's pass over small images.
+    def everywhere(seed: int) -> None:
+        raise AssertionError("torch.manual_seed seeds every device, per item")
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.rand(2)
+
+    monkeypatch.setattr(torch, "manual_seed", everywhere)
+    before = torch.get_rng_state()
+    items = SeededItems(Draw(), stream=7)
+    first = [items[i] for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, [items[i] for i in range(3)], strict=True))
+    assert not torch.equal(first[0], first[1])  # each image its own stream
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is left as it was

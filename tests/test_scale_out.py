@@ -214,6 +214,24 @@ def test_the_loader_reads_rows_without_making_the_file_resident(tmp_path: Path, 
     assert torch.equal(reader[some], features[some])
 
 
+def test_a_small_features_file_is_read_once_then_served_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows, width = 300, 16  # far below SMALL_FILE_BYTES: a syscall per run of rows would cost more
+    arrays = ShardedArrays(tmp_path, "k", rows)
+    arrays.write(Shard(0, rows), iter([(torch.randn(rows, width), torch.arange(rows))]), {})
+    features, _, reader = arrays.open()
+    some = torch.randperm(rows)[:64]
+    assert torch.equal(reader[some], features[some])
+
+    def no_more_reads(*args: Any) -> int:
+        raise AssertionError("read the file again")
+
+    monkeypatch.setattr(os, "preadv", no_more_reads)
+    monkeypatch.setattr(np, "fromfile", no_more_reads)
+    assert torch.equal(reader[some.flip(0)], features[some.flip(0)])
+
+
 @pytest.mark.parametrize(("rows", "world"), [(10, 1), (10, 3), (2, 4), (7, 2)])
 def test_row_sampler_deals_what_distributed_sampler_deals(rows: int, world: int) -> None:
     for rank in range(world):

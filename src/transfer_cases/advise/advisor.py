@@ -1,9 +1,9 @@
 """The advisor end to end: the data's counts, pooled features at every stage of the pretrained body
 and of a random control (one pass each, cached), scores per stage, and the decision.
 
-Cost: three inference passes over at most `max_per_class` training images per class (the pretrained
-body, the control's BatchNorm statistics, the control), then seconds of scoring; with a warm cache,
-only the scoring.
+Cost: the images of at most `max_per_class` training images per class, decoded once; inference
+passes of the pretrained body and of the control over them (and of the control over a few hundred
+of them for its BatchNorm statistics), then seconds of scoring; with a warm cache, only the scoring.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from transfer_cases.advise.control import calibrated_control
-from transfer_cases.advise.decide import Advice, Rules, decide
+from transfer_cases.advise.decide import Advice, Rules, best_stage, decide
+from transfer_cases.advise.decoded import decoded_once
 from transfer_cases.advise.scores import score_stages
 from transfer_cases.backbones.staged import StagedBody
 from transfer_cases.data.splits import Stream, rng
@@ -91,6 +92,7 @@ class Advisor(Rules):
         counts = {name: int((labels == i).sum()) for i, name in enumerate(images.classes)}
         subset = self._subset(train, images.predict_transform())
         chosen, why = choose_backend(backend, device, len(subset), images.preprocess.crop_size)
+        subset, workers = decoded_once(subset, images.preprocess.crop_size, images.num_workers)
         log.info("advisor: every-stage passes on %s (%s)", chosen, why)
         numerics = resolve_extraction(extraction, device, backend=chosen, strict=backend != "auto")
         # fp16 has no range for a random network's activations; bf16 and fp32 do.
@@ -103,7 +105,7 @@ class Advisor(Rules):
         # statistics (mean 0, variance 1) its deep activations vanish and its probe means nothing.
         t = time.perf_counter()
         seen, hit = calibrated_control(
-            control, subset, store, device=device, numerics=calibration, num_workers=images.num_workers
+            control, subset, store, device=device, numerics=calibration, num_workers=workers
         )
         timings["control_batchnorm_s"] = time.perf_counter() - t
         timings["control_batchnorm_cache_hit"] = float(hit)
@@ -122,7 +124,7 @@ class Advisor(Rules):
                 subset,
                 device=device,
                 numerics=num,
-                num_workers=images.num_workers,
+                num_workers=workers,
                 label=f"advisor: every stage of the {name} body",
             )
             feats[name] = np.split(fs.features.float().numpy(), np.cumsum(body.widths)[:-1], axis=1)
@@ -137,6 +139,7 @@ class Advisor(Rules):
             strides=pretrained.strides,
             folds=self.folds,
             seed=self.seed,
+            curve_at=lambda rows: best_stage(rows, self.rules)[3].stage,  # the curve decide reads
         )
         advice = decide(counts, stages, len(images.classes), self.rules)
         advice = replace(advice, control=control_note)

@@ -4,7 +4,9 @@ A randomly initialised body in eval mode normalises with its initial BatchNorm s
 variance 1), which fit no real activations: they shrink or grow stage after stage (MobileNetV2's
 last stage came out near 1e-8), and a probe on them measures the arithmetic, not the features.
 So the control gets what the pretrained weights got: BatchNorm statistics estimated on images,
-here the advisor's subset of the user's training images.
+here at most `CALIBRATION_IMAGES` of the advisor's subset of the user's training images, spread
+evenly over it: a channel's mean and variance pool every spatial position of every image, so a few
+hundred images pin them down, and the calibration stays a small part of the advisor's cost.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from transfer_cases.features.cached import body_fingerprint
 from transfer_cases.features.extract import Extraction
 from transfer_cases.features.store import FeatureSet, FeatureStore
 
 BATCH_SIZE = 64
-# Bumped when the meaning of the stored statistics changes.
-STATS_VERSION = 1
+CALIBRATION_IMAGES = 256
+# Bumped when the meaning of the stored statistics changes (2: at most CALIBRATION_IMAGES images).
+STATS_VERSION = 2
 
 
 def estimate_batchnorm_statistics(
@@ -75,13 +79,16 @@ def calibrated_control(
     num_workers: int = 0,
 ) -> tuple[int, bool]:
     """Estimate the BatchNorm statistics of the randomly initialised `control` on `dataset` (images
-    through the eval transform), in place, with the numerics of the feature extraction that follows
-    (the statistics are kept in float32 whatever the autocast dtype); `(images, cache hit)`.
+    through the eval transform; at most `CALIBRATION_IMAGES` of them, evenly spaced), in place, with
+    the numerics of the feature extraction that follows (the statistics are kept in float32
+    whatever the autocast dtype); `(images seen, cache hit)`.
 
     The statistics are stored in the feature store, keyed by the initial weights, the images and
     their transform, so asking again skips the pass (the control's features are cached by its
     weights and buffers, which now include these statistics).
     """
+    # Evenly spaced: a subset listed class by class still gives every class its share.
+    chosen = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), CALIBRATION_IMAGES)).round())
     parts = {
         "kind": "advisor random control: BatchNorm statistics",
         "version": STATS_VERSION,
@@ -90,11 +97,13 @@ def calibrated_control(
         "transform": repr(dataset.transform),
         "batch_size": BATCH_SIZE,
         "numerics": numerics.name,
+        "images": len(chosen),
     }
     buffers = batchnorm_buffers(control)
 
     def build() -> FeatureSet:
-        loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=False, num_workers=num_workers)
+        images = Subset(dataset, chosen.astype(int).tolist())
+        loader = DataLoader(images, batch_size=BATCH_SIZE, shuffle=False, num_workers=num_workers)
         layout = torch.channels_last if numerics.channels_last else torch.contiguous_format
         control.to(device, memory_format=layout)
         batches = (x.to(device, memory_format=layout) for x, _ in loader)
@@ -110,4 +119,4 @@ def calibrated_control(
         for b in buffers:
             b.copy_(flat[offset : offset + b.numel()].view_as(b).to(b.dtype))
             offset += b.numel()
-    return len(dataset), hit
+    return len(chosen), hit

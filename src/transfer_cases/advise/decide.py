@@ -165,10 +165,7 @@ def decide(
     )
 
     # Best stage: the most parsimonious stage within one standard error of the peak.
-    peak = max(rows, key=lambda s: (s.probe_pretrained, s.logme_pretrained))
-    tolerance = max(r.tie_margin, r.tie_sems * peak.probe_pretrained_sem)
-    ties = [s for s in rows if peak.probe_pretrained - s.probe_pretrained <= tolerance]
-    best = min(ties, key=lambda s: (s.width, s.stage))
+    peak, tolerance, ties, best = best_stage(rows, r)
     reasons.append(
         f"probe accuracy peaks at stage {peak.stage}/{depth}: {_acc(peak)}; stages within "
         f"{tolerance:.3f} of it (max of {r.tie_margin:g} and {r.tie_sems:g} standard error of the peak): "
@@ -254,6 +251,20 @@ def decide(
         warnings=tuple(warnings),
         gain=gain,
     )
+
+
+def best_stage(
+    stages: Sequence[StageScores], rules: Rules | None = None
+) -> tuple[StageScores, float, list[StageScores], StageScores]:
+    """`(peak, tolerance, ties, best)` of the one-standard-error rule (see the module doc): the best
+    stage is the most parsimonious of the stages within `tolerance` of the peak's probe accuracy."""
+    r = rules or Rules()
+    peak = max(stages, key=lambda s: (s.probe_pretrained, s.logme_pretrained))
+    tolerance = max(r.tie_margin, r.tie_sems * peak.probe_pretrained_sem)
+    ties = sorted(
+        (s for s in stages if peak.probe_pretrained - s.probe_pretrained <= tolerance), key=lambda s: s.stage
+    )
+    return peak, tolerance, ties, min(ties, key=lambda s: (s.width, s.stage))
 
 
 def case_for(size: str, similarity: str, best_stage: int, finetune: bool) -> tuple[str, str, int | None]:

@@ -72,7 +72,7 @@ def linear_probe_accuracy(
     train = np.ones((len(y_index), len(test_sets)), dtype=bool)
     for f, test_idx in enumerate(test_sets):
         train[test_idx, f] = False
-    with _torch_threads(threads):
+    with torch_threads(threads):
         logits = fit_folds(x, torch.as_tensor(y_index), torch.as_tensor(train), len(classes), l2, max_iter)
     predicted = logits.argmax(dim=2).numpy()  # (n, k)
     acc = np.array([(predicted[t, f] == y_index[t]).mean() for f, t in enumerate(test_sets)])
@@ -98,7 +98,8 @@ def stratified_folds(labels: np.ndarray, folds: int = 5, *, seed: int = 0) -> li
 
 
 @contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` (None: unchanged) inside, restored after."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -7,14 +7,16 @@ from feature matrices (one per stage, pooled), however they were extracted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from transfer_cases.advise.logme import h_score, logme
-from transfer_cases.advise.probe import linear_probe_accuracy
+from transfer_cases.advise.probe import ProbeResult, linear_probe_accuracy, torch_threads
 
 # Scoring uses at most this many samples (a stratified, seeded subset): the probe's accuracy is
 # known to about a point with a few thousand samples, and the cost grows with n.
@@ -89,8 +91,13 @@ def score_stages(
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     folds: int = 5,
     seed: int = 0,
+    curve_at: Callable[[Sequence[StageScores]], int] | None = None,
 ) -> list[StageScores]:
     """Score each stage's pooled features (element i: the (n, width) features after stage i + 1).
+
+    The pretrained probe's learning curve is fitted at every stage, or, with `curve_at`, only at the
+    stage it names once it has seen the rows without curves (the advisor's best stage: the only
+    curve its decision reads).
 
     `pretrained` and `random` must hold the same samples in the same order as `labels`.
     """
@@ -102,34 +109,62 @@ def score_stages(
     subset = stratified_subset(labels, max_samples, seed=seed)
     y = labels[subset]
     nested = nested_subsets(y, CURVE_FRACTIONS[:-1], seed=seed)
-    rows = []
-    for i, (f_pre, f_rand) in enumerate(zip(pretrained, random, strict=True)):
-        f_pre, f_rand = np.asarray(f_pre)[subset], np.asarray(f_rand)[subset]
-        probe_pre = linear_probe_accuracy(f_pre, y, folds=folds, seed=seed)
-        probe_rand = linear_probe_accuracy(f_rand, y, folds=folds, seed=seed)
-        curve = [
-            (_per_class(y[s]), linear_probe_accuracy(f_pre[s], y[s], folds=folds, seed=seed)) for s in nested
+    pre = [np.asarray(f)[subset] for f in pretrained]
+    rand = [np.asarray(f)[subset] for f in random]
+
+    def probe(f: np.ndarray, rows: np.ndarray | None = None) -> ProbeResult:
+        f, labels = (f, y) if rows is None else (f[rows], y[rows])
+        return linear_probe_accuracy(f, labels, folds=folds, seed=seed, threads=None)
+
+    # Every fit and score is independent: one task each, on as many threads as torch may use, each
+    # on one intra-op thread (the probes' matrices are skinny; set once here: the setting is global).
+    with torch_threads(1), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        jobs = [
+            [
+                pool.submit(probe, f_pre),
+                pool.submit(probe, f_rand),
+                pool.submit(logme, f_pre, y),
+                pool.submit(logme, f_rand, y),
+                pool.submit(h_score, f_pre, y, shrink=True),
+                pool.submit(h_score, f_rand, y, shrink=True),
+            ]
+            for f_pre, f_rand in zip(pre, rand, strict=True)
         ]
-        curve.append((_per_class(y), probe_pre))
-        rows.append(
-            StageScores(
-                stage=i + 1,
-                width=int(f_pre.shape[1]),
-                logme_pretrained=logme(f_pre, y),
-                logme_random=logme(f_rand, y),
-                probe_pretrained=probe_pre.mean,
-                probe_pretrained_std=probe_pre.std,
-                probe_random=probe_rand.mean,
-                probe_random_std=probe_rand.std,
-                folds=len(probe_pre.folds),
-                stride=None if strides is None else int(strides[i]),
-                h_score_pretrained=h_score(f_pre, y, shrink=True),
-                h_score_random=h_score(f_rand, y, shrink=True),
-                curve_per_class=tuple(n for n, _ in curve),
-                curve_acc=tuple(p.mean for _, p in curve),
-                curve_std=tuple(p.std for _, p in curve),
-            )
+        curves = (
+            {}
+            if curve_at is not None
+            else {i: [pool.submit(probe, f, s) for s in nested] for i, f in enumerate(pre)}
         )
+        rows = []
+        for i, job in enumerate(jobs):
+            probe_pre, probe_rand, logme_pre, logme_rand, h_pre, h_rand = (j.result() for j in job)
+            rows.append(
+                StageScores(
+                    stage=i + 1,
+                    width=int(pre[i].shape[1]),
+                    logme_pretrained=logme_pre,
+                    logme_random=logme_rand,
+                    probe_pretrained=probe_pre.mean,
+                    probe_pretrained_std=probe_pre.std,
+                    probe_random=probe_rand.mean,
+                    probe_random_std=probe_rand.std,
+                    folds=len(probe_pre.folds),
+                    stride=None if strides is None else int(strides[i]),
+                    h_score_pretrained=h_pre,
+                    h_score_random=h_rand,
+                )
+            )
+        if curve_at is not None:
+            i = curve_at(rows) - 1
+            curves = {i: [pool.submit(probe, pre[i], s) for s in nested]}
+        for i, points in curves.items():
+            last = (_per_class(y), rows[i].probe_pretrained, rows[i].probe_pretrained_std)
+            curve = [
+                (_per_class(y[s]), p.result().mean, p.result().std)
+                for s, p in zip(nested, points, strict=True)
+            ]
+            n, acc, std = zip(*curve, last, strict=True)
+            rows[i] = replace(rows[i], curve_per_class=n, curve_acc=acc, curve_std=std)
     return rows
 
 

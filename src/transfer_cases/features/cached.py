@@ -145,5 +145,9 @@ class SeededItems(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.stream, i]).generate_state(1)[0]))
+            # The CPU generator alone: `torch.manual_seed` also queues a seed for every lazily
+            # initialised accelerator, recording a stack trace each time, per image.
+            torch.default_generator.manual_seed(
+                int(np.random.SeedSequence([self.stream, i]).generate_state(1)[0])
+            )
             return self.dataset[i]

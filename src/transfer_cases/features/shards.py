@@ -37,6 +37,7 @@ FORMAT = "transfer-cases-features/3"
 MIN_SHARDS = 16  # so that up to this many ranks all get work, even on a small split
 MAX_SHARD_BATCHES = 64  # and no shard holds more batches than this (a killed rank loses little)
 CHUNK = 8 << 20  # bytes read at a time when checking digests
+SMALL_FILE_BYTES = 16 << 20  # a features file this small is held in memory once read
 SPACE_HINT = "free some space, or set paths.cache_dir to another disk (or cache.enabled=false)"
 
 
@@ -215,18 +216,28 @@ class FileRows:
 
     Not through the map: where the kernel keeps a file's page cache in large folios (Linux 6), a fault
     on a mapped file maps the whole folio around the touched row, not one page, so random rows read
-    through a map make most of the file resident within a few batches. Read this way, only the batch is."""
+    through a map make most of the file resident within a few batches. Read this way, only the batch is.
+    A file of at most `SMALL_FILE_BYTES` is read whole at the first batch: a syscall per run of rows
+    would cost more than its rows."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset, self.shape, self.dtype = _header(path)
         self.row_bytes = _nbytes(self.shape[1:], self.dtype)
         self._fd = os.open(path, os.O_RDONLY)
+        self._small = path.stat().st_size <= SMALL_FILE_BYTES
+        self._whole: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        if self._small:
+            if self._whole is None:
+                self._whole = torch.from_numpy(
+                    np.fromfile(self.path, self.dtype, offset=self.offset).reshape(self.shape)
+                )
+            return self._whole[index]
         order = index.argsort()
         wanted = index[order].tolist()
         rows = np.empty((len(wanted), *self.shape[1:]), self.dtype)
