@@ -55,6 +55,9 @@ def tiny_data(folder: Path) -> tuple[Any, Any]:
 
 def _as_rank(rank: int, world: int, init: str, job: Any, out: str) -> None:
     """Run `job()` as rank `rank` of a gloo group; write what it returned, or its error, to `out`."""
+    # A forked child must not use the parent's OpenMP thread pool (it hangs there, when the parent
+    # ran multi-threaded ops, as under a plain `pytest` without OMP_NUM_THREADS=1).
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         result = {"ok": job()}
