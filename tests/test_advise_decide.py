@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
-from transfer_cases.advise import StageScores, decide, score_stages
+from transfer_cases.advise import StageScores, decide, score_stages, scores
 from transfer_cases.advise.decide import best_stage
 from transfer_cases.advise.scores import nested_subsets, stratified_subset
 from transfer_cases.utils.errors import DataError
@@ -316,6 +319,33 @@ def test_the_curve_can_be_fitted_at_the_best_stage_alone_with_the_same_points() 
         full.gain,
         full.reasoning,
     )
+
+
+def test_the_stages_are_scored_on_torchs_threads_one_intra_op_thread_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    labels = np.repeat(np.arange(3), 12)
+    pretrained = stage_features(labels, [1, 3], depth=3, width=8)
+    random = [np.zeros_like(f) for f in pretrained]
+    alone = score_stages(pretrained, random, labels)
+    fitted = scores.linear_probe_accuracy
+    seen: list[tuple[str, int]] = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.05)  # long enough that an idle second worker takes the next task
+        return fitted(*args, **kwargs)
+
+    monkeypatch.setattr(scores, "linear_probe_accuracy", recording)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = score_stages(pretrained, random, labels)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(previous)
+    assert len({name for name, _ in seen}) == 2 and {n for _, n in seen} == {1}
+    assert together == alone  # independent fits: the same scores whichever thread ran them
 
 
 def test_learning_curve_subsets_are_nested_and_stratified() -> None:

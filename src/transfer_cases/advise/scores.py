@@ -118,7 +118,8 @@ def score_stages(
 
     # Every fit and score is independent: one task each, on as many threads as torch may use, each
     # on one intra-op thread (the probes' matrices are skinny; set once here: the setting is global).
-    with torch_threads(1), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+    workers = max(1, torch.get_num_threads())  # read before the setting drops to 1 below
+    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
         jobs = [
             [
                 pool.submit(probe, f_pre),
@@ -159,10 +160,8 @@ def score_stages(
             curves = {i: [pool.submit(probe, pre[i], s) for s in nested]}
         for i, points in curves.items():
             last = (_per_class(y), rows[i].probe_pretrained, rows[i].probe_pretrained_std)
-            curve = [
-                (_per_class(y[s]), p.result().mean, p.result().std)
-                for s, p in zip(nested, points, strict=True)
-            ]
+            fits = [p.result() for p in points]
+            curve = [(_per_class(y[s]), f.mean, f.std) for s, f in zip(nested, fits, strict=True)]
             n, acc, std = zip(*curve, last, strict=True)
             rows[i] = replace(rows[i], curve_per_class=n, curve_acc=acc, curve_std=std)
     return rows
