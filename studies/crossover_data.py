@@ -4,6 +4,9 @@
 seed, independent of the run's seed), so every (N, seed, case) is scored on one set and the test
 pass stays short on 2 cores. A data set without a test split (the ants/bees) is tested on its val
 split; that split also selects the best checkpoint, which the study's report says.
+
+Derived tasks (`Grouped`) merge a data set's classes into groups, the same images with new labels:
+fresh tasks to validate the advisor on, without a data set the advisor is later judged on.
 """
 
 from __future__ import annotations
@@ -45,6 +48,28 @@ class FixedTest:
             self.test_dataset.indices = np.asarray(self.test_dataset.indices)[keep]
 
 
+class Grouped:
+    """Mixin: the classes merged into `groups` (name -> original class names), in that order."""
+
+    groups: dict[str, tuple[str, ...]] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.original_classes = list(self.classes)
+        self.classes = list(self.groups)
+
+    def _load_splits(self) -> Any:
+        splits = super()._load_splits()
+        group_of = {name: g for g, (_, names) in enumerate(self.groups.items()) for name in names}
+        if set(group_of) != set(self.original_classes):
+            raise ValueError(f"groups {self.groups} do not cover the classes {self.original_classes} once")
+        mapping = np.array([group_of[name] for name in self.original_classes])
+        for source in (splits.train, splits.val, splits.test):
+            if source is not None:
+                source.labels = mapping[source.labels]
+        return splits
+
+
 class CIFAR10(FixedTest, CIFAR10DataModule):
     """CIFAR-10 with a fixed test subset."""
 
@@ -55,3 +80,18 @@ class MNIST(FixedTest, MNISTDataModule):
 
 class ImageFolder(FixedTest, ImageFolderDataModule):
     """An image folder; without a test/ folder its val split is the test set."""
+
+
+class CIFAR10AnimalsVehicles(Grouped, CIFAR10):
+    """CIFAR-10 as two classes: the six animals against the four vehicles."""
+
+    groups = {
+        "animal": ("bird", "cat", "deer", "dog", "frog", "horse"),
+        "vehicle": ("airplane", "automobile", "ship", "truck"),
+    }
+
+
+class MNISTOddEven(Grouped, MNIST):
+    """MNIST as two classes: even digits against odd ones."""
+
+    groups = {"even": ("0", "2", "4", "6", "8"), "odd": ("1", "3", "5", "7", "9")}

@@ -76,6 +76,8 @@ def outcome(cell: dict[str, Any], advice: Advice) -> dict[str, Any]:
     best = max(acc, key=acc.get)
     picked = advice.case if advice.init == "pretrained" else f"{advice.case} (scratch)"
     got = acc.get(picked)
+    if picked == "small_different" and cell.get("cut") not in (None, advice.keep):
+        got = None  # the run kept another cut: this pick was not run
     row = {
         "dataset": cell["dataset"],
         "per_class": cell["per_class"],

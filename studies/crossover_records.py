@@ -93,6 +93,7 @@ def cell_view(
         "forward_pass": (advice or {}).get("forward_pass"),
         "advice_path": (advice or {}).get("path"),
         "test_acc": test_acc,
+        "cut": _cut(runs.get("small_different")),
         "val_acc": {c: r.get("val_acc") for c, r in ok.items()},
         "wall_s": {c: r.get("wall_s") for c, r in runs.items()},
         "failed": sorted(c for c, r in runs.items() if r.get("status") != "ok"),
@@ -117,6 +118,7 @@ def load_cells(out_dir: Path | str = "outputs/crossover") -> list[dict[str, Any]
             body over the advisor's subset, for the advisor's cost ratio),
         advice_path (str | None: the advice record's file, to join on),
         test_acc (dict case -> test accuracy, finished runs only; cases are `CASES`),
+        cut (int | None: the stages `small_different` kept, `case.keep` of its run),
         val_acc (dict case -> best validation accuracy), wall_s (dict case -> seconds),
         failed (list of cases whose run failed),
         best_head_only / best_finetune (str | None: the best case of each family, by test accuracy),
@@ -144,3 +146,11 @@ def load_cells(out_dir: Path | str = "outputs/crossover") -> list[dict[str, Any]
         keys.add(key)
         advices[key] = {**record, "path": str(path)}
     return [cell_view(*key, runs.get(key, {}), advices.get(key)) for key in sorted(keys)]
+
+
+def _cut(record: dict[str, Any] | None) -> int | None:
+    """`case.keep` of a `small_different` run, from its overrides."""
+    for override in (record or {}).get("overrides", ()):
+        if override.startswith("case.keep="):
+            return int(override.split("=", 1)[1])
+    return None

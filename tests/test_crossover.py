@@ -5,6 +5,7 @@ No training runs here: records are written by hand, as the driver writes them.""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from studies.crossover import ADVICE, DATASETS, Step, advised_keep, pending, plan, tier
 from studies.crossover_records import advice_path, load_cells, read_json, train_path, write_json
 from studies.crossover_report import crossover_n, report, summarise
+from transfer_cases.advise import StageScores, decide
 
 
 def _train(out: Path, d: str, n: int, seed: int, case: str, acc: float | None, status: str = "ok") -> None:
@@ -21,16 +23,28 @@ def _train(out: Path, d: str, n: int, seed: int, case: str, acc: float | None, s
     )
 
 
-def _advice(out: Path, d: str, n: int, seed: int, best_stage: int = 4, depth: int = 5) -> None:
+def _advice(
+    out: Path, d: str, n: int, seed: int, probes: Sequence[float] = (0.5, 0.6, 0.7, 0.9, 0.8)
+) -> None:
+    """A real advice record: `decide` on stages whose probes score `probes` (std 0.001)."""
+    stages = [
+        StageScores(
+            stage=i + 1,
+            width=16 * 2**i,
+            logme_pretrained=p,
+            logme_random=0.1,
+            probe_pretrained=p,
+            probe_pretrained_std=0.001,
+            probe_random=0.1,
+            probe_random_std=0.001,
+        )
+        for i, p in enumerate(probes)
+    ]
+    advice = decide({f"c{c}": n for c in range(10)}, stages)
     write_json(
         advice_path(out, d, n, seed),
         {
-            "advice": {
-                "case": "small_different",
-                "best_stage": best_stage,
-                "depth": depth,
-                "num_classes": 10,
-            },
+            "advice": advice.to_dict(),
             "timings": {"total_s": 3.0},
             "forward_pass": {"images": 200, "seconds": 2.0},
         },
@@ -100,12 +114,14 @@ def test_resume_skips_finished_and_failed_records(tmp_path: Path) -> None:
     assert ADVICE not in left and "large_different" not in left and "small_similar" in left
 
 
-def test_advised_keep_cuts_at_the_best_stage_unless_it_is_the_last(tmp_path: Path) -> None:
+def test_advised_keep_cuts_at_the_narrowest_tie_even_when_the_full_body_ties(tmp_path: Path) -> None:
     step = Step("mnist", 20, 0, "small_different")
     assert advised_keep(tmp_path, step) == (False, None)
-    _advice(tmp_path, "mnist", 20, 0, best_stage=3, depth=5)
+    # Stage 3 peaks, the full body ties with it: the advisor keeps the full body, but the cut the
+    # rule before would have made is still run, so that both rules can be scored.
+    _advice(tmp_path, "mnist", 20, 0, probes=[0.5, 0.6, 0.80, 0.7, 0.795])
     assert advised_keep(tmp_path, step) == (True, 3)
-    _advice(tmp_path, "mnist", 20, 0, best_stage=5, depth=5)
+    _advice(tmp_path, "mnist", 20, 0, probes=[0.5, 0.6, 0.7, 0.7, 0.9])
     assert advised_keep(tmp_path, step) == (True, None)
 
 

@@ -10,14 +10,19 @@ The policy (every threshold is a parameter of `decide`):
   Tibshirani & Friedman, *Elements of Statistical Learning* §7.10): the peak is the stage with the
   highest cross-validated probe accuracy (LogME breaks exact ties); every stage within `tie_sems`
   standard errors of the peak's accuracy (its std over folds / sqrt(folds)), or within
-  `tie_margin`, whichever is larger, is as good as the peak as far as the data can tell; of those,
+  `tie_margin`, whichever is larger, is as good as the peak as far as the data can tell. When the
+  full body is among them it stays (`full_body_on_tie`): cutting is the guide's departure from
+  keeping the whole pretrained body, so it needs an earlier stage that is clearly better. Otherwise
   the most parsimonious wins: the narrowest features (the fewest head parameters to fit from the
   samples), then the shallowest stage (the fewest layers to run). LogME's own best stage is
   reported next to it as a second opinion.
 - **Similarity.** *similar* when the best stage is the last (the full body), *different* when an
   earlier stage is better. *unrelated* when even the peak is not better than the best stage of the
-  randomly initialised control by more than `related_margin` or `related_sems` standard errors of
-  the difference, whichever is larger: the pretrained weights bring nothing a random network does not.
+  randomly initialised control by more than `related_margin`, and even `related_sems` standard
+  errors of the difference above it (`unrelated_needs_evidence`) stays within `related_margin`: the
+  pretrained weights clearly bring nothing a random network does not. A difference the data cannot
+  resolve either way (too few images for the probes) is *unclear*, and unclear keeps the pretrained
+  verdict of the best stage: fine-tuning everything on data that small loses to the head alone.
   A peak within `solved_margin` of perfect accuracy is never unrelated: those features already
   separate the classes (an easy task that random features solve too).
 - **Fine-tuning or the head alone.** The predicted gain of fine-tuning at the user's N images per
@@ -102,10 +107,16 @@ class Rules:
     # The best stage: the one-standard-error rule.
     tie_margin: float = 0.01
     tie_sems: float = 1.0
+    # Changed after the crossover study (docs/advisor.md, "Changed after seeing results"): ties went
+    # to the narrowest stage, and the cut lost to the full body in 6 of the 7 tied cells it decided.
+    full_body_on_tie: bool = True
     # Similarity: the pretrained body against the random control.
     related_margin: float = 0.01
     related_sems: float = 1.0
     solved_margin: float = 0.02
+    # Changed with it: "unrelated" needed only a difference within the noise; on 10 images per class
+    # of the ants/bees that sent a task the frozen body serves well to fine-tuning everything.
+    unrelated_needs_evidence: bool = True
     # Whether fine-tuning pays: the predicted gain (advise/gain.py; the family and its fit:
     # docs/advisor.md). Fixed: the gain that counts is the one point; one standard error
     # is the tie rule's yardstick; the extrapolation's exponent is capped at the steepest
@@ -169,8 +180,7 @@ def decide(
     reasons.append(
         f"probe accuracy peaks at stage {peak.stage}/{depth}: {_acc(peak)}; stages within "
         f"{tolerance:.3f} of it (max of {r.tie_margin:g} and {r.tie_sems:g} standard error of the peak): "
-        f"{[s.stage for s in ties]} -> best stage {best.stage}"
-        + (" (the narrowest features among them: the fewest head parameters)" if len(ties) > 1 else "")
+        f"{[s.stage for s in ties]} -> best stage {best.stage}" + _tie_reason(ties, best, depth)
     )
     logme_best = max(rows, key=lambda s: (s.logme_pretrained, s.stage))
     agreement = "agrees" if logme_best.stage == best.stage else "differs"
@@ -185,8 +195,12 @@ def decide(
     noise = r.related_sems * math.hypot(peak.probe_pretrained_sem, control.probe_random_sem)
     margin = max(r.related_margin, noise)
     gain = peak.probe_pretrained - control.probe_random
+    solved = peak.probe_pretrained >= 1 - r.solved_margin
+    # Unrelated needs the whole band of the difference within related_margin (or, without
+    # `unrelated_needs_evidence`, the difference alone within the band's width).
+    unclear = r.unrelated_needs_evidence and gain <= margin and gain + noise > r.related_margin
     # Features that already separate the classes are not "unrelated", even if random ones do too.
-    if gain <= margin and peak.probe_pretrained < 1 - r.solved_margin:
+    if gain <= margin and not solved and not unclear:
         similarity = "unrelated"
         reasons.append(
             f"pretrained peak {peak.probe_pretrained:.3f} vs the random network's best "
@@ -198,6 +212,12 @@ def decide(
         where = "the full body" if best.stage == depth else f"stage {best.stage} of {depth}, before the end"
         if gain > margin:
             why = f"pretrained beats the random network by {gain:+.3f} (> {margin:.3f})"
+        elif unclear and not solved:
+            why = (
+                f"gain over the random network {gain:+.3f} ± {noise:.3f}: too noisy to tell whether the "
+                f"pretrained features help (unrelated needs it clearly within {r.related_margin:g}) -> "
+                "unclear, kept as pretrained"
+            )
         else:
             why = (
                 f"gain over the random network {gain:+.3f} <= {margin:.3f}, but the pretrained features "
@@ -264,7 +284,18 @@ def best_stage(
     ties = sorted(
         (s for s in stages if peak.probe_pretrained - s.probe_pretrained <= tolerance), key=lambda s: s.stage
     )
+    full = max(stages, key=lambda s: s.stage)
+    if r.full_body_on_tie and full in ties:
+        return peak, tolerance, ties, full
     return peak, tolerance, ties, min(ties, key=lambda s: (s.width, s.stage))
+
+
+def _tie_reason(ties: Sequence[StageScores], best: StageScores, depth: int) -> str:
+    if len(ties) < 2:
+        return ""
+    if best.stage == depth:
+        return " (the full body ties: it stays, a cut needs a clearly better stage)"
+    return " (the narrowest features among them: the fewest head parameters)"
 
 
 def case_for(size: str, similarity: str, best_stage: int, finetune: bool) -> tuple[str, str, int | None]:

@@ -153,6 +153,8 @@ ADVISOR_SETTINGS: dict[str, Rule] = {
     ),
     "tie_sems": number(0, example=1, why="standard errors of the probe's peak within which stages tie"),
     "tie_margin": number(0, top=1, example=0.01, why="accuracy within which stages tie, at least"),
+    "full_body_on_tie": boolean,
+    "unrelated_needs_evidence": boolean,
     "related_margin": number(0, top=1, example=0.01, why="accuracy by which pretrained must beat random"),
     "related_sems": number(0, example=1, why="standard errors by which pretrained must beat random"),
     "solved_margin": number(0, top=1, example=0.02, why="error below which features solve the task"),
