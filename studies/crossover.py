@@ -16,6 +16,7 @@ coarse N with one seed for every data set first, then the other N, then more see
     python -m studies.crossover --dry-run       # list the steps, done or to do
     python -m studies.crossover --report-only   # table, CSV, JSON, plot from the records
     python -m studies.crossover --advice-only   # recompute every cell's advice (cached features)
+    python -m studies.crossover --extra-cuts    # ... and run the cuts it now picks that never ran
     python -m studies.crossover --only mnist/n20 --stop-at 16:15
 
 `load_cells` (from `studies.crossover_records`) is the per-cell view the advisor's fit reads.
@@ -97,8 +98,26 @@ DATASETS = {
         test_per_class=500,
         num_classes=2,
     ),
+    # The second round, added after the probe's scaling changed (docs/advisor.md), to validate it.
+    "cifar10_pairs80": Dataset(
+        "cifar10",
+        "studies.crossover_data.CIFAR10Pairs",
+        "similar",
+        80,
+        (10, 20, 50, 100, 200),
+        num_classes=5,
+    ),
+    "mnist_pairs80": Dataset(
+        "mnist",
+        "studies.crossover_data.MNISTPairs",
+        "different",
+        80,
+        (10, 20, 50, 100, 200),
+        num_classes=5,
+    ),
 }
-DERIVED = ("cifar10_av", "mnist_oe48")
+# Derived tasks by validation round: each was run after the change it validates was committed.
+DERIVED = {"cifar10_av": 1, "mnist_oe48": 1, "cifar10_pairs80": 2, "mnist_pairs80": 2}
 SEEDS_UP_TO = 200  # three seeds up to this N, one above
 SEEDS = (0, 1, 2)
 # The first tier's N per data set (see `tier`).
@@ -108,6 +127,8 @@ COARSE = {
     "hymenoptera": (20, 122),
     "cifar10_av": (20, 100, 500),
     "mnist_oe48": (20, 100, 500),
+    "cifar10_pairs80": (20, 100, 200),
+    "mnist_pairs80": (20, 100, 200),
 }
 LPFT_FIRST = (50, 200)  # N per class where LP-FT runs with the other cases; elsewhere it runs late
 RUN_ORDER = ("mnist", "hymenoptera", "cifar10")  # within a tier and N: the cheapest data set first
@@ -258,7 +279,7 @@ def run_forked(fn: Callable[[], None], log_path: Path, timeout_s: float) -> tupl
     return os.waitstatus_to_exitcode(status[1]), round(time.perf_counter() - start, 2)
 
 
-def _train_child(argv: list[str]) -> Callable[[], None]:
+def train_child(argv: list[str]) -> Callable[[], None]:
     def go() -> None:
         from transfer_cases.commands.train import main as train_main
 
@@ -268,13 +289,17 @@ def _train_child(argv: list[str]) -> Callable[[], None]:
     return go
 
 
-def run_training(step: Step, out_dir: Path, keep: int | None, timeout_s: float) -> dict[str, Any]:
-    """One `transfer-train` run in a child; its record (status ok/failed) is written atomically."""
-    run_dir = out_dir / "runs" / step.dataset / f"n{step.per_class}" / f"seed{step.seed}" / step.kind
+def run_training(
+    step: Step, out_dir: Path, keep: int | None, timeout_s: float, name: str | None = None
+) -> dict[str, Any]:
+    """One `transfer-train` run in a child; its record (status ok/failed) is written atomically,
+    as `name` (default: the step's case) in the cell's folder."""
+    name = name or step.kind
+    run_dir = out_dir / "runs" / step.dataset / f"n{step.per_class}" / f"seed{step.seed}" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run starts over
     argv = [*step.overrides(keep), f"hydra.run.dir={run_dir}"]
-    code, wall = run_forked(_train_child(argv), run_dir.parent / f"{step.kind}.log", timeout_s)
+    code, wall = run_forked(train_child(argv), run_dir.parent / f"{name}.log", timeout_s)
     summary = read_json(run_dir / "summary.json") or {}
     metrics = summary.get("metrics") or {}
     ok = code == 0 and summary.get("status") == "ok" and metrics.get("test/acc") is not None
@@ -291,15 +316,36 @@ def run_training(step: Step, out_dir: Path, keep: int | None, timeout_s: float) 
         "train_time_s": summary.get("train_time_s"),
         "returncode": code,
         "warnings": summary.get("warnings") or [],
-        "error": summary.get("error")
-        or (None if ok else f"exit {code}, see {run_dir.parent / step.kind}.log"),
+        "error": summary.get("error") or (None if ok else f"exit {code}, see {run_dir.parent / name}.log"),
         "num_classes": DATASETS[step.dataset].num_classes,
         "overrides": argv,
     }
     for ckpt in run_dir.rglob("*.ckpt"):  # hundreds of runs: keep the figures, not the weights
         ckpt.unlink()
-    write_json(step.record(out_dir), record)
+    write_json(train_path(out_dir, step.dataset, step.per_class, step.seed, name), record)
     return record
+
+
+def extra_cuts(steps: Sequence[Step], out_dir: Path) -> list[tuple[Step, int]]:
+    """(step, keep) for every cell whose advice picks `small_different` at a cut the study did not
+    run (the advice was recomputed after the runs): what `--extra-cuts` runs to score the pick."""
+    from transfer_cases.advise.decide import Advice
+
+    todo = []
+    for st in steps:
+        if st.kind != "small_different":
+            continue
+        record = read_json(advice_path(out_dir, st.dataset, st.per_class, st.seed))
+        if not record or not record.get("advice"):
+            continue
+        advice = Advice.from_dict(record["advice"])
+        if advice.case != "small_different" or advice.keep is None:
+            continue
+        main = read_json(st.record(out_dir)) or {}
+        extra = train_path(out_dir, st.dataset, st.per_class, st.seed, f"small_different-k{advice.keep}")
+        if f"case.keep={advice.keep}" not in main.get("overrides", ()) and not extra.is_file():
+            todo.append((st, advice.keep))
+    return todo
 
 
 def study_settings() -> dict[str, Any]:
@@ -389,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--advice-cold", action="store_true", help="as --advice-only, in a fresh cache: new timings and cost"
     )
+    p.add_argument(
+        "--extra-cuts", action="store_true", help="run small_different where the advice cuts elsewhere"
+    )
     p.add_argument("--stop-at", help="HH:MM (UTC): start no step after this time")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per step before it is killed")
     args = p.parse_args(argv)
@@ -408,6 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.timeout,
             )
             print(f"[{i}/{len(cells)}] {st.name}: {wall:.0f} s {'ok' if code == 0 else 'FAILED'}", flush=True)
+    elif args.extra_cuts:
+        todo = extra_cuts(steps, args.out_dir)
+        for i, (st, keep) in enumerate(todo, 1):
+            rec = run_training(st, args.out_dir, keep, args.timeout, name=f"small_different-k{keep}")
+            state = f"{rec['wall_s']:.0f} s {rec['status']}"
+            print(f"[{i}/{len(todo)}] {st.name} keep={keep}: {state}", flush=True)
     elif not args.report_only:
         stop = _stop_time(args.stop_at)
         todo = pending(steps, args.out_dir)

@@ -95,3 +95,21 @@ class MNISTOddEven(Grouped, MNIST):
     """MNIST as two classes: even digits against odd ones."""
 
     groups = {"even": ("0", "2", "4", "6", "8"), "odd": ("1", "3", "5", "7", "9")}
+
+
+class CIFAR10Pairs(Grouped, CIFAR10):
+    """CIFAR-10 as five classes, each two of its classes that look alike."""
+
+    groups = {
+        "air_or_sea": ("airplane", "ship"),
+        "road": ("automobile", "truck"),
+        "small_animal": ("bird", "frog"),
+        "pet": ("cat", "dog"),
+        "hoofed": ("deer", "horse"),
+    }
+
+
+class MNISTPairs(Grouped, MNIST):
+    """MNIST as five classes: 0-1, 2-3, 4-5, 6-7, 8-9."""
+
+    groups = {f"{d}{d + 1}": (str(d), str(d + 1)) for d in range(0, 10, 2)}

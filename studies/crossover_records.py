@@ -25,6 +25,7 @@ FINETUNE = ("large_similar", "large_different", "large_different+lpft")
 CASES = (*HEAD_ONLY, *FINETUNE)
 # A gain of at least this much (test accuracy, fraction) counts as "fine-tuning pays".
 GAIN_THRESHOLD = 0.01
+CUT_PREFIX = "small_different"  # records small_different.json and small_different-k<keep>.json
 
 
 def train_path(out_dir: Path, dataset: str, per_class: int, seed: int, case: str) -> Path:
@@ -77,6 +78,11 @@ def cell_view(
 ) -> dict[str, Any]:
     """One (data set, N, seed) cell from its training records (case -> record) and advice record."""
     ok = {c: r for c, r in runs.items() if r.get("status") == "ok" and r.get("test_acc") is not None}
+    # Extra cuts (`small_different-k<keep>`, run where the advice cuts elsewhere than the study's
+    # own cut) score a pick; they are not cases of their own.
+    cut_acc = {_cut(r): float(r["test_acc"]) for c, r in ok.items() if c.startswith(CUT_PREFIX)}
+    runs = {c: r for c, r in runs.items() if c in CASES}
+    ok = {c: r for c, r in ok.items() if c in CASES}
     test_acc = {c: float(r["test_acc"]) for c, r in ok.items()}
     head, head_acc = best_of(test_acc, HEAD_ONLY)
     ft, ft_acc = best_of(test_acc, FINETUNE)
@@ -94,6 +100,7 @@ def cell_view(
         "advice_path": (advice or {}).get("path"),
         "test_acc": test_acc,
         "cut": _cut(runs.get("small_different")),
+        "cut_acc": cut_acc,
         "val_acc": {c: r.get("val_acc") for c, r in ok.items()},
         "wall_s": {c: r.get("wall_s") for c, r in runs.items()},
         "failed": sorted(c for c, r in runs.items() if r.get("status") != "ok"),
@@ -119,6 +126,8 @@ def load_cells(out_dir: Path | str = "outputs/crossover") -> list[dict[str, Any]
         advice_path (str | None: the advice record's file, to join on),
         test_acc (dict case -> test accuracy, finished runs only; cases are `CASES`),
         cut (int | None: the stages `small_different` kept, `case.keep` of its run),
+        cut_acc (dict keep -> test accuracy of `small_different` at that cut: the study's own and
+            any extra cut run for a pick, `small_different-k<keep>.json`),
         val_acc (dict case -> best validation accuracy), wall_s (dict case -> seconds),
         failed (list of cases whose run failed),
         best_head_only / best_finetune (str | None: the best case of each family, by test accuracy),

@@ -35,20 +35,38 @@ def test_random_labels_stay_near_chance() -> None:
     assert result.sem == pytest.approx(result.std / np.sqrt(5))
 
 
-def test_large_feature_offsets_do_not_change_the_result() -> None:
+@pytest.mark.parametrize("scaling", ["shared", "feature"])
+def test_large_feature_offsets_do_not_change_the_result(scaling: str) -> None:
     # Pooled activations can sit far from zero; the folded-in standardisation must not cancel in float32.
     features, labels = blobs(120, 3, 10, strength=1.5)
     shifted = features + 1e6
-    assert linear_probe_accuracy(shifted, labels).folds == linear_probe_accuracy(features, labels).folds
+    # What float32 keeps of the shifted features, shifted back exactly: the same input, offset.
+    kept = shifted.astype(np.float32).astype(np.float64) - 1e6
+    assert linear_probe_accuracy(shifted, labels, scaling=scaling).folds == (
+        linear_probe_accuracy(kept, labels, scaling=scaling).folds
+    )
 
 
-def test_folds_are_fitted_like_separate_probes_on_train_standardised_features() -> None:
-    """The batched fit equals k independent fits, each standardised with its training rows only."""
+@pytest.mark.parametrize("scaling", ["feature", "shared"])
+def test_folds_are_fitted_like_separate_probes_on_train_scaled_features(scaling: str) -> None:
+    """The batched fit equals k independent fits, each centred and scaled with its training rows only."""
     with torch_threads(1):  # tiny matrices: extra threads only wait for each other
-        _check_batched_fit_against_separate_fits()
+        _check_batched_fit_against_separate_fits(scaling)
 
 
-def _check_batched_fit_against_separate_fits() -> None:
+def test_shared_scaling_keeps_the_features_as_the_head_sees_them() -> None:
+    # A wide stage: 4 informative features of unit spread beside 200 of pure noise a hundred times
+    # smaller. Standardising each feature blows the noise up to the signal's size and the probe of
+    # 20 samples per class falls towards chance; one shared scale leaves it where the head finds it.
+    features, labels = blobs(40, 2, 4, strength=3.0, seed=5)
+    noise = np.random.default_rng(6).normal(scale=0.01, size=(40, 200))
+    wide = np.concatenate([features, noise], axis=1)
+    shared = linear_probe_accuracy(wide, labels, scaling="shared").mean
+    standardised = linear_probe_accuracy(wide, labels, scaling="feature").mean
+    assert shared >= 0.9 and shared >= standardised + 0.1
+
+
+def _check_batched_fit_against_separate_fits(scaling: str) -> None:
     features, labels = blobs(60, 3, 6, strength=1.0, seed=3)
     features = features * np.linspace(0.5, 5, 6) + np.linspace(-3, 3, 6)  # unequal scales and offsets
     x = torch.as_tensor(features)
@@ -58,10 +76,12 @@ def _check_batched_fit_against_separate_fits() -> None:
     for f, t in enumerate(tests):
         train[t, f] = False
     l2 = 0.05
-    batched = fit_folds(x, y, train, 3, l2, max_iter=500)
+    batched = fit_folds(x, y, train, 3, l2, max_iter=500, scaling=scaling)
     for f in range(len(tests)):
         rows = train[:, f]
         mean, std = x[rows].mean(0), x[rows].std(0, correction=0)
+        if scaling == "shared":
+            std = std.pow(2).mean().sqrt()
         z = (x - mean) / std
         w = torch.zeros(6, 3, dtype=x.dtype, requires_grad=True)
         b = torch.zeros(3, dtype=x.dtype, requires_grad=True)

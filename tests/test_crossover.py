@@ -195,3 +195,63 @@ def test_family_best_ignores_a_case_not_yet_run_on_every_seed(tmp_path: Path) ->
     _train(tmp_path, "mnist", 50, 1, "large_different+lpft", 0.70)
     (row,) = summarise(load_cells(tmp_path))
     assert row["best_finetune"] == "large_different" and row["gain"][0] == pytest.approx(-0.30)
+
+
+def test_a_derived_task_merges_classes_into_groups_and_checks_them() -> None:
+    from studies.crossover_data import Grouped
+    from transfer_cases.data.sources import ImageSource
+    from transfer_cases.data.splits import Splits
+
+    class Source(ImageSource):
+        def load(self, index: int) -> None:
+            raise AssertionError("no image is read")
+
+        def fingerprint(self) -> str:
+            return "source"
+
+    class Base:
+        def __init__(self) -> None:
+            self.classes = ["car", "cat", "dog"]
+
+        def _load_splits(self) -> Splits:
+            return Splits(train=Source([0, 1, 2, 2]), test=Source([2, 0]))
+
+    class Task(Grouped, Base):
+        groups = {"animal": ("cat", "dog"), "vehicle": ("car",)}
+
+    task = Task()
+    assert task.classes == ["animal", "vehicle"]  # the model is sized from these before setup
+    splits = task._load_splits()
+    assert splits.train.labels.tolist() == [1, 0, 0, 0] and splits.test.labels.tolist() == [0, 1]
+
+    class Missing(Grouped, Base):
+        groups = {"animal": ("cat",), "vehicle": ("car",)}
+
+    with pytest.raises(ValueError, match="do not cover"):
+        Missing()._load_splits()
+
+
+def test_a_derived_task_is_held_out_with_its_source_and_scored_on_its_own_cut(tmp_path: Path) -> None:
+    from studies.crossover_fit import outcome, rules_picker, source
+    from transfer_cases.advise.decide import Rules
+
+    assert (source("cifar10_av"), source("mnist_oe48"), source("hymenoptera")) == (
+        "cifar10",
+        "mnist",
+        "hymenoptera",
+    )
+    # Stage 3 peaks and the full body does not tie: the pick is small_different cut at 3.
+    _advice(tmp_path, "mnist", 20, 0, probes=[0.5, 0.6, 0.9, 0.7, 0.7])
+    for case, acc in (("small_similar", 0.80), ("small_different", 0.85), ("large_different", 0.5)):
+        _train(tmp_path, "mnist", 20, 0, case, acc)
+    (cell,) = load_cells(tmp_path)
+    assert cell["cut"] is None  # a record without overrides: the cut is unknown, taken as the pick's
+    row = outcome(cell, rules_picker(Rules())(cell))
+    assert (row["pick"], row["hit"]) == ("small_different", True)
+    # A run cut elsewhere is not this pick: unscored, not a hit or a miss.
+    path = train_path(tmp_path, "mnist", 20, 0, "small_different")
+    write_json(path, {**read_json(path), "overrides": ["case=small_different", "case.keep=2"]})
+    (cell,) = load_cells(tmp_path)
+    assert cell["cut"] == 2
+    row = outcome(cell, rules_picker(Rules())(cell))
+    assert (row["pick"], row["pick_acc"], row["hit"]) == ("small_different", None, None)

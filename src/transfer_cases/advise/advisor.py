@@ -55,11 +55,15 @@ class Advisor(Rules):
     Args:
         max_per_class: training images per class the advisor extracts (a seeded subset; all if fewer).
         folds: cross-validation folds of the linear probe.
+        probe_scaling: how the probe scales each stage's features: `shared` (one scale: the
+            features as the head sees them) or `feature` (each standardised; before issue 23's
+            derived tasks, see docs/advisor.md).
         seed: drives the subset and the control's initialisation.
     """
 
     max_per_class: int = 100
     folds: int = 5
+    probe_scaling: str = "shared"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,6 +144,7 @@ class Advisor(Rules):
             folds=self.folds,
             seed=self.seed,
             curve_at=lambda rows: best_stage(rows, self.rules)[3].stage,  # the curve decide reads
+            probe_scaling=self.probe_scaling,
         )
         advice = decide(counts, stages, len(images.classes), self.rules)
         advice = replace(advice, control=control_note)

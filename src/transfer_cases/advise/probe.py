@@ -1,10 +1,16 @@
 """Cross-validated linear-probe accuracy: the accuracy a new head on frozen features would reach.
 
-Multinomial logistic regression with an L2 penalty on standardised features, fitted full batch by
-L-BFGS for a fixed number of iterations (a convex problem: zero initialisation and full batch
+Multinomial logistic regression with an L2 penalty on centred, scaled features, fitted full batch
+by L-BFGS for a fixed number of iterations (a convex problem: zero initialisation and full batch
 make it deterministic), scored by stratified k-fold cross-validation. 50 iterations reach the
 held-out accuracy of a fit run to convergence (500 iterations) within a sample or two per fold.
-The standardisation is fitted on the training folds only: the held-out fold never leaks in.
+The centring and scaling are fitted on the training folds only: the held-out fold never leaks in.
+
+`scaling` says how: `shared` (one scale for all features of a stage, the RMS of the centred
+features) keeps the features as the head sees them, up to one factor that makes the L2 penalty
+comparable across stages; `feature` standardises each feature, which inflates the many
+low-variance features of a wide stage and, on small data, rated the full body below narrow early
+stages that the trained head did worse on (docs/advisor.md).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ def linear_probe_accuracy(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     threads: int | None = 1,
+    scaling: str = "shared",
 ) -> ProbeResult:
     """Mean and std of the held-out accuracy of an L2 logistic regression over stratified folds.
 
@@ -56,6 +63,7 @@ def linear_probe_accuracy(
         l2: penalty on the weights, added to the mean cross-entropy as `l2 / 2 * ||W||^2`.
         max_iter: L-BFGS iterations (the folds are fitted together, see `fit_folds`).
         seed: seeds the fold assignment.
+        scaling: `shared` (one scale per feature matrix) or `feature` (each feature standardised).
         threads: torch intra-op threads while fitting (restored after); None keeps the current
             setting. One by default: the matrices are skinny (C columns), so a second thread gains
             little on an idle machine, while on a busy one (parallel tests, data-loader workers)
@@ -73,7 +81,9 @@ def linear_probe_accuracy(
     for f, test_idx in enumerate(test_sets):
         train[test_idx, f] = False
     with torch_threads(threads):
-        logits = fit_folds(x, torch.as_tensor(y_index), torch.as_tensor(train), len(classes), l2, max_iter)
+        logits = fit_folds(
+            x, torch.as_tensor(y_index), torch.as_tensor(train), len(classes), l2, max_iter, scaling
+        )
     predicted = logits.argmax(dim=2).numpy()  # (n, k)
     acc = np.array([(predicted[t, f] == y_index[t]).mean() for f, t in enumerate(test_sets)])
     return ProbeResult(float(acc.mean()), float(acc.std(ddof=1)), tuple(float(a) for a in acc))
@@ -109,25 +119,43 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+SCALINGS = ("shared", "feature")
+
+
 def fit_folds(
-    x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, num_classes: int, l2: float, max_iter: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    max_iter: int,
+    scaling: str = "feature",
 ) -> torch.Tensor:
     """Fit one probe per fold (column of the boolean `train` mask) and return every probe's logits
     for every sample, (n, k, C).
 
     All k probes are fitted at once, as one objective (the sum of the folds' losses, which are
     independent, so each fold's optimum is unchanged): the features are read once per step for
-    all folds, faster than k separate fits. Each fold's standardisation (mean and
-    std of its training rows) is folded into its weights: ((x - mu) / s) W = x (W / s) - (mu / s) W.
+    all folds, faster than k separate fits. Each fold's centring and scaling (mean and std of its
+    training rows; with `scaling="shared"` one std, the RMS over the features) is folded into its
+    weights: ((x - mu) / s) W = x (W / s) - (mu / s) W.
     """
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     n, d = x.shape
     k = train.shape[1]
-    # A global shift and scale first: exact (each fold's standardisation undoes it) and it keeps
-    # the folded-in standardisation free of cancellation in float32.
-    x = (x - x.mean(dim=0)) / x.std(dim=0, correction=0).clamp_min(1e-12)
+    # A global shift and scale first: exact (each fold's own centring and scaling undo it) and it
+    # keeps the folded-in standardisation free of cancellation in float32.
+    spread = x.std(dim=0, correction=0)
+    if scaling == "shared":
+        spread = spread.pow(2).mean().sqrt()
+    x = (x - x.mean(dim=0)) / spread.clamp_min(1e-12)
     weights = train.to(x.dtype) / train.sum(dim=0)  # (n, k): mean over each fold's training rows
     mu = weights.T @ x  # (k, d)
-    std = (weights.T @ x**2 - mu**2).clamp_min(0).sqrt().clamp_min(1e-6)  # constant features -> 0
+    variance = (weights.T @ x**2 - mu**2).clamp_min(0)  # (k, d)
+    if scaling == "shared":
+        variance = variance.mean(dim=1, keepdim=True).expand(k, d)
+    std = variance.sqrt().clamp_min(1e-6)  # constant features -> 0
     w = torch.zeros(k, d, num_classes, dtype=x.dtype, requires_grad=True)
     b = torch.zeros(k, num_classes, dtype=x.dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS(

@@ -92,6 +92,7 @@ def score_stages(
     folds: int = 5,
     seed: int = 0,
     curve_at: Callable[[Sequence[StageScores]], int] | None = None,
+    probe_scaling: str = "shared",
 ) -> list[StageScores]:
     """Score each stage's pooled features (element i: the (n, width) features after stage i + 1).
 
@@ -114,7 +115,7 @@ def score_stages(
 
     def probe(f: np.ndarray, rows: np.ndarray | None = None) -> ProbeResult:
         f, labels = (f, y) if rows is None else (f[rows], y[rows])
-        return linear_probe_accuracy(f, labels, folds=folds, seed=seed, threads=None)
+        return linear_probe_accuracy(f, labels, folds=folds, seed=seed, threads=None, scaling=probe_scaling)
 
     # Every fit and score is independent: one task each, on as many threads as torch may use, each
     # on one intra-op thread (the probes' matrices are skinny; set once here: the setting is global).

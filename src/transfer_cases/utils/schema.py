@@ -148,6 +148,7 @@ SEED = whole(0, 2**32 - 1, example=42)  # numpy's seed range
 ADVISOR_SETTINGS: dict[str, Rule] = {
     "max_per_class": whole(2, example=100, why="each class needs an image to fit and one to hold out"),
     "folds": whole(2, example=5, why="cross-validation holds one fold out and fits on the others"),
+    "probe_scaling": one_of("shared", "feature"),
     "small_max_per_class": whole(
         1, example=100, why="median train images per class below which data is small"
     ),
