@@ -78,8 +78,9 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         f"Test accuracy of the head-only case at every stage (`small_different` with `case.keep`, the "
         f"full body `small_similar`), 50 head epochs on cached features, with the data module's batch "
         f"({DEFAULT_BATCH}) and with batches small enough for {MIN_STEPS} optimizer steps per epoch; "
-        "beside it the advisor's probe (5-fold cross-validated, standardised features). Train accuracy "
-        "in brackets.",
+        "beside it the advisor's probe from the cell's advice record (5-fold cross-validated, scaled "
+        "as the advice was computed: per feature in round 1 of the derived tasks). Train accuracy in "
+        "brackets.",
         "",
     ]
     for r in results:

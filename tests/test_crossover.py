@@ -255,3 +255,29 @@ def test_a_derived_task_is_held_out_with_its_source_and_scored_on_its_own_cut(tm
     assert cell["cut"] == 2
     row = outcome(cell, rules_picker(Rules())(cell))
     assert (row["pick"], row["pick_acc"], row["hit"]) == ("small_different", None, None)
+
+
+def test_an_advice_that_cuts_elsewhere_gets_its_cut_run_and_scored(tmp_path: Path) -> None:
+    from studies.crossover import extra_cuts
+    from studies.crossover_fit import outcome, rules_picker
+    from transfer_cases.advise.decide import Rules
+
+    # The advice (recomputed after the runs) cuts at stage 3; the study's run cut at 2.
+    _advice(tmp_path, "mnist", 20, 0, probes=[0.5, 0.6, 0.9, 0.7, 0.7])
+    _train(tmp_path, "mnist", 20, 0, "small_similar", 0.80)
+    path = train_path(tmp_path, "mnist", 20, 0, "small_different")
+    _train(tmp_path, "mnist", 20, 0, "small_different", 0.70)
+    write_json(path, {**read_json(path), "overrides": ["case=small_different", "case.keep=2"]})
+    steps = plan(["mnist"], only="mnist/n20/seed0/")
+    assert [(st.name, keep) for st, keep in extra_cuts(steps, tmp_path)] == [
+        ("mnist/n20/seed0/small_different", 3)
+    ]
+    # Its run is recorded apart: scored for the pick, not a case of its own.
+    extra = train_path(tmp_path, "mnist", 20, 0, "small_different-k3")
+    write_json(extra, {"status": "ok", "test_acc": 0.85, "overrides": ["case.keep=3"], "num_classes": 10})
+    assert extra_cuts(steps, tmp_path) == []
+    (cell,) = load_cells(tmp_path)
+    assert set(cell["test_acc"]) == {"small_similar", "small_different"}
+    assert cell["cut_acc"] == {2: 0.70, 3: 0.85}
+    row = outcome(cell, rules_picker(Rules())(cell))
+    assert (row["pick"], row["pick_acc"], row["hit"]) == ("small_different", 0.85, True)
