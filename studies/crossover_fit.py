@@ -85,6 +85,7 @@ def outcome(cell: dict[str, Any], advice: Advice) -> dict[str, Any]:
         "per_class": cell["per_class"],
         "seed": cell["seed"],
         "pick": picked,
+        "keep": advice.keep,
         "best": best,
         "pick_acc": got,
         "best_acc": acc[best],
@@ -193,6 +194,10 @@ def run(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _keep(row: dict[str, Any]) -> str:
+    return f" (keep {row['keep']})" if row.get("keep") is not None else ""
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -202,7 +207,8 @@ def miss_lines(misses: Sequence[dict[str, Any]]) -> list[str]:
     for m in misses:
         accs = ", ".join(f"{c} {a:.3f}" for c, a in sorted(m["test_acc"].items(), key=lambda kv: -kv[1]))
         lines.append(
-            f"| {m['dataset']} | {m['per_class']} | {m['seed']} | `{m['pick']}` {_fmt(m['pick_acc'])} | "
+            f"| {m['dataset']} | {m['per_class']} | {m['seed']} | "
+            f"`{m['pick']}`{_keep(m)} {_fmt(m['pick_acc'])} | "
             f"`{m['best']}` {_fmt(m['best_acc'])} | {_fmt(m['predicted_gain'])} | "
             f"{_fmt(m['measured_gain'])} | {accs} |"
         )
