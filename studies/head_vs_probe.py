@@ -23,6 +23,7 @@ from typing import Any
 
 from studies.crossover import DATASETS, Step, run_forked, train_child
 from studies.crossover_records import advice_path, read_json, write_json
+from transfer_cases.advise.scores import StageScores
 
 MIN_STEPS = 10  # optimizer steps per epoch in the small-batch column
 DEFAULT_BATCH = 128  # the data configs' batch_size
@@ -60,8 +61,9 @@ def diagnose(cell: tuple[str, int, int], study_dir: Path, out_dir: Path) -> dict
     rows = []
     for stage in advice["stages"]:
         keep = None if stage["stage"] == advice["depth"] else stage["stage"]
-        row = {"stage": stage["stage"], "width": stage["width"], "probe": stage["probe_pretrained"]}
-        row["probe_sem"] = stage["probe_pretrained_std"] / math.sqrt(max(stage.get("folds", 5), 1))
+        scores = StageScores.from_dict(stage)
+        row = {"stage": scores.stage, "width": scores.width, "probe": scores.probe_pretrained}
+        row["probe_sem"] = scores.probe_pretrained_sem
         for label, batch in (("default", DEFAULT_BATCH), ("small", small)):
             result = run_stage(cell, keep, batch, out_dir)
             row[label] = result["test_acc"]
